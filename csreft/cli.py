@@ -1,0 +1,149 @@
+"""The `csreft` command line: info, generate."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .base_models import DEFAULT_MODEL
+from .config import CSReftConfig
+
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(CSReftConfig) if f.type in ("bool", bool)}
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per CSReftConfig field (--num-subspaces, --layers 3,9,18,24, ...)."""
+    group = parser.add_argument_group("CS-ReFT configuration (defaults: CSReftConfig)")
+    group.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags override it")
+    for f in dataclasses.fields(CSReftConfig):
+        if f.name == "format_version":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _BOOL_FIELDS:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "layers":
+            group.add_argument(flag, help="decoder-layer indices, e.g. 3,9,18,24")
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            group.add_argument(flag, type=kind, default=None)
+
+
+def read_options_file(path: str | None) -> dict:
+    """Options from a YAML/JSON file (keys as flag names, '-' or '_')."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"csreft: --config {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError, with line numbers
+        raise SystemExit(f"csreft: --config {path}: cannot parse: {err}")
+    if not isinstance(data, dict):
+        raise SystemExit(f"csreft: --config {path}: expected a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def merged_options(args: argparse.Namespace) -> dict:
+    """File options, overridden by every flag given on the command line."""
+    opts = read_options_file(getattr(args, "config", None))
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return opts
+
+
+def config_from_options(opts: dict) -> CSReftConfig:
+    names = {f.name for f in dataclasses.fields(CSReftConfig)}
+    try:
+        return CSReftConfig(**{k: v for k, v in opts.items() if k in names})
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"csreft: invalid configuration: {err}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .base_models import resolve_model_path
+    from .model import get_csreft_model
+
+    opts = merged_options(args)
+    config = config_from_options(opts)
+    model_name = opts.get("model", DEFAULT_MODEL)
+    base_config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    with torch.device("meta"):  # shapes only: no weights are read or downloaded
+        model = get_csreft_model(AutoModelForCausalLM.from_config(base_config), config)
+    counts = model.trainable_parameters()
+    print(f"base model: {model_name}")
+    print(config.to_json())
+    rows = [("edits", counts["edits"]), ("router", counts["router"]), ("total", counts["total"]),
+            ("base model", counts["base"])]
+    print(f"\n{'component':<12}{'parameters':>15}{'% of base':>12}")
+    for name, n in rows:
+        print(f"{name:<12}{n:>15,}{100.0 * n / counts['base']:>11.4f}%")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .base_models import load_base
+    from .generation import generate_texts
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("csreft generate: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    model_name = args.model
+    if args.adapter and model_name is None:
+        meta = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
+        model_name = meta.get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
+    base, tokenizer = load_base(model_name or DEFAULT_MODEL)
+    model = base
+    if args.adapter:
+        from .model import CSReftModel
+
+        model = CSReftModel.from_pretrained(base, args.adapter)
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                           system=args.system, batch_size=args.batch_size)
+    for prompt, text in zip(prompts, texts):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csreft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="configuration and trainable-parameter table (no weights loaded)")
+    info.add_argument("--model", default=None, help=f"base model (default: {DEFAULT_MODEL})")
+    add_config_options(info)
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate text with the base model or an adapter")
+    gen.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="one prompt per line")
+    gen.add_argument("--adapter", help="adapter directory (from save_pretrained / csreft train)")
+    gen.add_argument("--model", default=None, help="base model (default: the adapter's base, "
+                     f"else {DEFAULT_MODEL})")
+    gen.add_argument("--system", help="system message (default: the chat template's own)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

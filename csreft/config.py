@@ -1,0 +1,164 @@
+"""CSReftConfig: what to edit (layers, positions), how (rank, k subspaces) and how to route."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+INTERVENTIONS = ("loreft", "direft")
+ROUTER_INPUTS = ("mean", "first", "last")
+GATINGS = ("soft", "hard", "topk")
+_POSITIONS_RE = re.compile(r"^(?:all|f\d+|l\d+|f\d+\+l\d+)$")
+
+
+def parse_positions(spec: str) -> tuple[int, int] | str:
+    """"f7+l7" -> (7, 7); "f5" -> (5, 0); "l3" -> (0, 3); "all" -> "all"."""
+    spec = spec.strip().lower() if isinstance(spec, str) else spec
+    if not isinstance(spec, str) or not _POSITIONS_RE.match(spec):
+        raise ValueError(
+            f"positions={spec!r} is not valid: use 'fN', 'lN', 'fN+lN' (first/last N prompt "
+            "tokens, N >= 1) or 'all'"
+        )
+    if spec == "all":
+        return "all"
+    first = last = 0
+    for part in spec.split("+"):
+        if part[0] == "f":
+            first = int(part[1:])
+        else:
+            last = int(part[1:])
+    if (spec[0] == "f" and first < 1) or ("l" in spec and last < 1):
+        raise ValueError(f"positions={spec!r} is not valid: N must be at least 1")
+    return first, last
+
+
+@dataclass
+class CSReftConfig:
+    """Configuration of k routed low-rank subspace edits on a frozen causal LM.
+
+    Each edit i (rank r) acts on a hidden state h as R_i^T (W_i h + b_i - R_i h) ("loreft") or
+    R_i^T (W_i h + b_i) ("direft"); the model applies h + sum_i gate_i * edit_i(h) at the
+    outputs of `layers`, at the first/last prompt positions given by `positions`.
+    """
+
+    layers: list[int] = field(default_factory=lambda: [3, 9, 18, 24])
+    rank: int = 4
+    num_subspaces: int = 4
+    positions: str = "f7+l7"
+    share_positions: bool = True  # one edit for first and last positions, or one each
+    intervention: str = "loreft"
+    orthogonal_subspaces: bool = True  # all k bases from one orthonormal d x (k*r) matrix
+    use_router: bool = True  # False: every gate is 1 (k = 1 without router is LoReFT)
+    router_input: str = "mean"
+    router_hidden: int | None = None  # None: d // 2, the paper's router
+    gating: str = "soft"
+    threshold: float = 0.5
+    top_k: int = 1
+    sparsity_weight: float = 0.0
+    routing_loss_weight: float = 1.0  # weight of the supervised routing loss (skill labels)
+    dropout: float = 0.0  # dropout on the low-rank edit coordinates during training
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self, hidden_size: int | None = None, num_layers: int | None = None) -> None:
+        """Raise ValueError naming the field, its value and what is allowed."""
+
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} is not valid: {allowed}")
+
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if isinstance(self.layers, str):
+            try:
+                self.layers = [int(x) for x in re.split(r"[;,\s]+", self.layers.strip()) if x]
+            except ValueError:
+                raise bad("layers", "a list of decoder-layer indices such as [3, 9, 18, 24]")
+        if (
+            not isinstance(self.layers, (list, tuple))
+            or not self.layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+        ):
+            raise bad("layers", "a non-empty list of decoder-layer indices such as [3, 9, 18, 24]")
+        self.layers = sorted(set(int(i) for i in self.layers))
+        if self.layers[0] < 0:
+            raise bad("layers", "indices must be >= 0")
+        if num_layers is not None and self.layers[-1] >= num_layers:
+            raise bad("layers", f"the base model has {num_layers} layers (indices 0..{num_layers - 1})")
+        for name in ("rank", "num_subspaces", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "an integer >= 1")
+        parse_positions(self.positions)
+        self.positions = self.positions.strip().lower()
+        for name, allowed in (
+            ("intervention", INTERVENTIONS),
+            ("router_input", ROUTER_INPUTS),
+            ("gating", GATINGS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"one of {', '.join(allowed)}")
+        if self.router_hidden is not None and (
+            not isinstance(self.router_hidden, int) or self.router_hidden < 1
+        ):
+            raise bad("router_hidden", "None (hidden_size // 2) or an integer >= 1")
+        if self.gating == "topk" and self.top_k > self.num_subspaces:
+            raise bad("top_k", f"at most num_subspaces={self.num_subspaces}")
+        if not 0.0 < self.threshold < 1.0:
+            raise bad("threshold", "a number strictly between 0 and 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "a number in [0, 1)")
+        for name in ("sparsity_weight", "routing_loss_weight"):
+            if getattr(self, name) < 0:
+                raise bad(name, "a number >= 0")
+        if self.format_version != FORMAT_VERSION:
+            raise bad("format_version", f"this csreft reads format {FORMAT_VERSION}")
+        if hidden_size is not None and self.rank * self.num_subspaces > hidden_size:
+            raise ValueError(
+                f"rank * num_subspaces = {self.rank} * {self.num_subspaces} = "
+                f"{self.rank * self.num_subspaces} is not valid: it must be at most the hidden "
+                f"size d = {hidden_size}"
+            )
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def position_groups(self) -> list[list[tuple[str, int]]]:
+        """Groups of position segments; each group has its own edit parameters.
+
+        "f7+l7" shared -> [[("f", 7), ("l", 7)]]; not shared -> [[("f", 7)], [("l", 7)]];
+        "all" -> [[("all", 0)]].
+        """
+        p = parse_positions(self.positions)
+        if p == "all":
+            return [[("all", 0)]]
+        segments = [(kind, n) for kind, n in zip("fl", p) if n > 0]
+        return [segments] if self.share_positions else [[s] for s in segments]
+
+    def router_width(self, hidden_size: int) -> int:
+        return self.router_hidden if self.router_hidden is not None else hidden_size // 2
+
+    # -- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CSReftConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown CSReftConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CSReftConfig":
+        return cls.from_dict(json.loads(text))

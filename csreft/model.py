@@ -1,0 +1,420 @@
+"""CSReftModel: a frozen causal LM with routed subspace edits attached by forward hooks.
+
+Per forward pass:
+  1. positions: for each example b the prompt is tokens [start_b, end_b) of the padded row
+     (left or right padding); each position group takes its first/last positions there;
+  2. a pre-hook on the first edited layer reads that layer's input hidden states, summarises
+     the prompt (mean / first / last token) and runs the router once: gates (B, k);
+  3. a forward hook on every edited layer gathers the hidden states at the group's positions
+     (B, P, d), adds the gated edits, and scatters them back; other positions are untouched.
+During generate(), edits apply to the prompt in the prefill pass only; decoding steps find no
+active context and cost what the base model costs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers.utils import ModelOutput
+
+from .base_models import find_decoder_layers, model_identity
+from .config import CSReftConfig
+from .edits import SubspaceEdits
+from .router import Router, routing_loss, sparsity_loss
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class CSReftOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    gates: torch.Tensor | None = None  # (B, k) gates the edits used
+    probs: torch.Tensor | None = None  # (B, k) router sigmoid outputs
+    task_loss: torch.Tensor | None = None
+    sparsity_loss: torch.Tensor | None = None
+    routing_loss: torch.Tensor | None = None
+
+
+def edit_positions(segments, starts, ends, seq_len):
+    """Positions of one group: idx (B, P) clamped into [0, seq_len), valid (B, P) bool.
+
+    segments: [("f", n)] first n of [start, end); [("l", n)] last n; [("all", 0)] all of them.
+    In a shared group ("f", n1), ("l", n2), last positions already among the first n1 are
+    dropped, so every position is edited at most once per group.
+    """
+    starts, ends = starts[:, None], ends[:, None]
+    idx, valid, first_n = [], [], 0
+    for kind, n in segments:
+        if kind == "l":
+            i = ends - n + torch.arange(n, device=starts.device)
+            v = i >= starts + first_n
+        else:
+            n = seq_len if kind == "all" else n
+            i = starts + torch.arange(n, device=starts.device)
+            v = i < ends
+            first_n = n
+        idx.append(i)
+        valid.append(v)
+    return torch.cat(idx, 1).clamp(0, seq_len - 1), torch.cat(valid, 1)
+
+
+class _Context:
+    """Positions and gates of the forward pass in flight, shared with the hooks."""
+
+    def __init__(self, groups, starts, ends, seq_len, once=False, route_only=False):
+        self.groups, self.starts, self.ends, self.seq_len = groups, starts, ends, seq_len
+        self.once, self.route_only = once, route_only
+        self.gates = self.probs = None
+        self._on_device = {}
+
+    def on(self, device):
+        """(groups, gates) on `device`; copied at most once per device (device_map models)."""
+        if device not in self._on_device:
+            groups = [(i.to(device, non_blocking=True), v.to(device, non_blocking=True)) for i, v in self.groups]
+            self._on_device[device] = (groups, self.gates.to(device, non_blocking=True))
+        return self._on_device[device]
+
+
+class _StopForward(Exception):
+    """Raised by the router hook when only the gates are wanted (route())."""
+
+
+def _hidden_from(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class CSReftModel(nn.Module):
+    """Frozen base causal LM + k routed subspace edits. Build it with get_csreft_model()."""
+
+    def __init__(self, base_model: nn.Module, config: CSReftConfig) -> None:
+        super().__init__()
+        layers = find_decoder_layers(base_model)
+        identity = model_identity(base_model)
+        d = identity["hidden_size"]
+        config.validate(hidden_size=d, num_layers=len(layers))
+        self.base_model = base_model
+        self.csreft_config = config
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+
+        def device_of(module):
+            return next(module.parameters()).device
+
+        self.edits = nn.ModuleDict()
+        for layer in config.layers:
+            groups = nn.ModuleList(
+                SubspaceEdits(
+                    d, config.rank, config.num_subspaces, config.intervention,
+                    config.orthogonal_subspaces, config.dropout,
+                )
+                for _ in config.position_groups
+            )
+            self.edits[str(layer)] = groups.to(device_of(layers[layer]))
+        self.router = None
+        if config.use_router:
+            self.router = Router(
+                d, config.router_width(d), config.num_subspaces, config.gating,
+                config.threshold, config.top_k,
+            ).to(device_of(layers[config.layers[0]]))
+        self._ctx: _Context | None = None
+        self._hooks = [
+            layers[config.layers[0]].register_forward_pre_hook(self._route_hook, with_kwargs=True),
+            base_model.register_forward_hook(self._end_of_forward_hook),
+        ]
+        for layer in config.layers:
+            hook = self._make_edit_hook(self.edits[str(layer)])
+            self._hooks.append(layers[layer].register_forward_hook(hook))
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _active(self, hidden) -> bool:
+        return self._ctx is not None and hidden.shape[1] == self._ctx.seq_len
+
+    def _route_hook(self, module, args, kwargs):
+        hidden = _hidden_from(args, kwargs)
+        ctx = self._ctx
+        if not self._active(hidden) or ctx.gates is not None:
+            return None
+        b = torch.arange(hidden.shape[0], device=hidden.device)
+        starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
+        if self.router is None:
+            ctx.gates = ctx.probs = hidden.new_ones(hidden.shape[0], self.csreft_config.num_subspaces)
+        else:
+            mode = self.csreft_config.router_input
+            if mode == "first":
+                summary = hidden[b, starts]
+            elif mode == "last":
+                summary = hidden[b, ends - 1]
+            else:
+                pos = torch.arange(hidden.shape[1], device=hidden.device)
+                mask = (pos >= starts[:, None]) & (pos < ends[:, None])
+                summary = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            ctx.gates, ctx.probs = self.router(summary)
+        if ctx.route_only:
+            raise _StopForward
+        return None
+
+    def _make_edit_hook(self, group_edits: nn.ModuleList):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not self._active(hidden):
+                return None
+            groups, gates = self._ctx.on(hidden.device)
+            gates = gates[:, None, :]  # (B, 1, k): one set of gates per sequence
+            for edit, (idx, valid) in zip(group_edits, groups):
+                index = idx[..., None].expand(-1, -1, hidden.shape[-1])
+                delta = edit.delta(hidden.gather(1, index), gates) * valid[..., None]
+                hidden = hidden.scatter_add(1, index, delta)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def _end_of_forward_hook(self, module, args, output):
+        if self._ctx is not None and self._ctx.once:
+            self._ctx = None  # generate(): the prompt (prefill) pass is done
+
+    # -- positions --------------------------------------------------------------------------
+    def _context(self, input_ids, attention_mask, prompt_starts, prompt_lengths, labels, **kw):
+        """Absolute prompt spans [start, end) per row from padding and the optional offsets.
+
+        prompt_starts / prompt_lengths index the unpadded sequence; without prompt_lengths the
+        prompt ends at the first labelled token (labels != -100) or at the last real token.
+        """
+        batch, seq_len = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        offset = attention_mask.long().argmax(1)  # first real token (left padding)
+        n_real = attention_mask.long().sum(1)
+        starts = offset + self._as_tensor(prompt_starts, batch, device, "prompt_starts", 0)
+        if prompt_lengths is not None:
+            ends = offset + self._as_tensor(prompt_lengths, batch, device, "prompt_lengths", 0)
+        elif labels is not None:
+            has = labels != -100
+            ends = torch.where(has.any(1), has.long().argmax(1), offset + n_real)
+        else:
+            ends = offset + n_real
+        if starts.device.type == "cpu" and bool((starts >= ends).any()):
+            b = int((starts >= ends).nonzero()[0, 0])
+            raise ValueError(
+                f"example {b}: the prompt span is empty (start {int(starts[b] - offset[b])} >= "
+                f"end {int(ends[b] - offset[b])} in the unpadded sequence); check prompt_starts "
+                "and prompt_lengths"
+            )
+        groups = [edit_positions(seg, starts, ends, seq_len) for seg in self.csreft_config.position_groups]
+        return _Context(groups, starts, ends, seq_len, **kw)
+
+    @staticmethod
+    def _as_tensor(value, batch, device, name, default):
+        if value is None:
+            return torch.full((batch,), default, dtype=torch.long, device=device)
+        t = torch.as_tensor(value, dtype=torch.long).to(device).reshape(-1)
+        if t.numel() != batch:
+            raise ValueError(f"{name} has {t.numel()} entries for a batch of {batch}")
+        return t
+
+    # -- public API -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prompt_starts=None,
+        prompt_lengths=None,
+        skill_labels: torch.Tensor | None = None,
+        full_logits: bool = True,
+        **kwargs,
+    ) -> CSReftOutput:
+        """Edited forward pass. labels (B, L) as in transformers (-100 = ignore, unshifted).
+
+        loss = task cross-entropy + sparsity_weight * Omega(probs)
+               + routing_loss_weight * BCE(probs, skill_labels) (when skill_labels given).
+        full_logits=False (training): the LM head runs only where labels are set and
+        .logits is None.
+        """
+        self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, labels)
+        with parametrize.cached():  # each orthonormal basis is computed once per pass
+            if labels is not None and not full_logits:
+                hidden = self.base_model.get_decoder()(
+                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
+                ).last_hidden_state
+                hidden, targets = hidden[:, :-1], labels[:, 1:]
+                keep = targets != -100
+                logits_kept = self.base_model.get_output_embeddings()(hidden[keep])
+                task = F.cross_entropy(logits_kept.float(), targets[keep])
+                logits = None
+            else:
+                logits = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+                task = None
+                if labels is not None:
+                    task = F.cross_entropy(
+                        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+                    )
+        ctx = self._ctx
+        out = CSReftOutput(logits=logits, gates=ctx.gates, probs=ctx.probs, task_loss=task)
+        if task is not None:
+            out.loss = task
+            if self.router is not None:
+                cfg = self.csreft_config
+                out.sparsity_loss = sparsity_loss(ctx.probs)
+                out.loss = out.loss + cfg.sparsity_weight * out.sparsity_loss
+                if skill_labels is not None:
+                    labels_on = torch.as_tensor(skill_labels, device=ctx.probs.device)
+                    out.routing_loss = routing_loss(ctx.probs, labels_on)
+                    out.loss = out.loss + cfg.routing_loss_weight * out.routing_loss
+        return out
+
+    @torch.no_grad()
+    def route(self, input_ids, attention_mask=None, prompt_starts=None, prompt_lengths=None):
+        """Gates (B, k) for a batch of prompts; runs the base only up to the first edited layer."""
+        self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
+        try:
+            self.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        ctx, self._ctx = self._ctx, None
+        return ctx.gates
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, prompt_starts=None, **generate_kwargs):
+        """Generate with the edits applied to the prompt during prefill (batch may be left-padded).
+
+        prompt_starts index each unpadded row (default 0); the prompt ends at the row's end.
+        """
+        self._ctx = self._context(input_ids, attention_mask, prompt_starts, None, None, once=True)
+        try:
+            with parametrize.cached():
+                return self.base_model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+                )
+        finally:
+            self._ctx = None
+
+    def trainable_parameters(self) -> dict:
+        """Counts of trainable numbers: edits, router, total, and percent of the base model."""
+        edits = sum(p.numel() for p in self.edits.parameters())
+        router = sum(p.numel() for p in self.router.parameters()) if self.router is not None else 0
+        base = sum(p.numel() for p in self.base_model.parameters())
+        return {
+            "edits": edits,
+            "router": router,
+            "total": edits + router,
+            "base": base,
+            "percent": 100.0 * (edits + router) / base,
+        }
+
+    def print_trainable_parameters(self) -> None:
+        c = self.trainable_parameters()
+        print(
+            f"trainable: {c['total']:,} (edits {c['edits']:,}, router {c['router']:,}) | "
+            f"base: {c['base']:,} | {c['percent']:.4f}%"
+        )
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Edits and router only (no base weights)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write adapter_model.safetensors + adapter_config.json, atomically (temp dir + rename)."""
+        meta = {
+            "csreft_config": self.csreft_config.to_dict(),
+            "base_model": model_identity(self.base_model),
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
+
+        def write(tmp: Path) -> None:
+            save_file(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+        atomic_directory(directory, write)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> "CSReftModel":
+        """Attach a saved adapter to `base_model`; checks the base identity and all shapes."""
+        directory = Path(directory)
+        cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+        for path in (cfg_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; is {directory} a csreft adapter directory?")
+        try:
+            meta = json.loads(cfg_path.read_text())
+            config = CSReftConfig.from_dict(meta["csreft_config"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{cfg_path}: not a valid csreft adapter config: {err}") from err
+        saved, here = meta.get("base_model", {}), model_identity(base_model)
+        for key in ("hidden_size", "num_hidden_layers"):
+            if saved.get(key) is not None and saved[key] != here[key]:
+                raise ValueError(
+                    f"{directory}: adapter was trained on a base with {key}={saved[key]}, "
+                    f"but this base model has {key}={here[key]}"
+                )
+        for key in ("model_type", "vocab_size"):
+            if saved.get(key) is not None and saved[key] != here[key]:
+                warnings.warn(f"{directory}: adapter base {key}={saved[key]!r}, this base has {here[key]!r}")
+        model = cls(base_model, config)
+        state = load_file(weights_path)
+        expected = model.adapter_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{weights_path}: tensor {key} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(expected[key].shape)}"
+                )
+        model.load_state_dict(state, strict=False)
+        return model.eval()
+
+    def remove_hooks(self) -> nn.Module:
+        """Detach the edits and return the untouched base model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return self.base_model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)  # config, device, dtype, ... of the base
+
+
+def get_csreft_model(base_model: nn.Module, config: CSReftConfig) -> CSReftModel:
+    """Freeze `base_model` and attach k routed subspace edits as described by `config`."""
+    return CSReftModel(base_model, config)
+
+
+def atomic_directory(directory: str | os.PathLike, write) -> None:
+    """Call write(tmp_dir), then put tmp_dir in place of `directory` by renames.
+
+    A failure inside write() leaves any existing `directory` as it was.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

