@@ -1,4 +1,4 @@
-"""The `csreft` command line: info, generate."""
+"""The `csreft` command line: info, generate, train."""
 
 from __future__ import annotations
 
@@ -118,6 +118,45 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(text)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import run
+
+    opts = merged_options(args)
+    opts.pop("func", None)
+    opts.pop("command", None)
+    try:
+        run(opts)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"csreft train: {err}")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per training option in csreft.train.DEFAULTS (--max-steps, --lr, ...)."""
+    from .train import DEFAULTS
+
+    helps = {
+        "model": f"base model: Hub id, local path, or {DEFAULT_MODEL} (default)",
+        "data": "training data: JSON / JSONL file (alpaca, prompt/response or chat records)",
+        "eval_data": "evaluation data, same formats",
+        "output_dir": "where checkpoints, logs and OUTPUT_DIR/adapter go",
+        "warmup": "warmup steps, or a fraction (< 1) of all steps",
+        "resume": "continue from the latest checkpoint in OUTPUT_DIR, or from DIR",
+        "skill_routing": "add the supervised routing loss from the records' 'skill' fields",
+        "save_steps": "checkpoint every N steps (0: only the final adapter)",
+    }
+    group = parser.add_argument_group("training")
+    for name, default in DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "resume":
+            group.add_argument(flag, nargs="?", const="latest", default=None, metavar="latest|DIR", help=helps[name])
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(name))
+        else:
+            kind = type(default) if default is not None and not isinstance(default, str) else (
+                int if name == "max_examples" else str)
+            group.add_argument(flag, type=kind, default=None, help=helps.get(name, f"default: {default}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csreft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--batch-size", type=int, default=8)
     gen.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="train edits and router on a data file")
+    add_train_options(train)
+    add_config_options(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

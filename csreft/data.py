@@ -89,3 +89,161 @@ def pad_batch(examples: list[dict], pad_id: int, side: str = "right") -> dict:
     if all("labels" in e for e in examples):
         batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
     return batch
+
+
+# -- data files ----------------------------------------------------------------------------------
+class DataError(ValueError):
+    """A data file or record is unusable; the message names the file, record and field."""
+
+
+def load_records(source: str, split: str = "train") -> list[dict]:
+    """Read a JSON list / JSONL file (or, online, a Hugging Face dataset name) into records
+    {"prompt", "response", "skill" (or None), "system" (or None)}.
+
+    Accepted record formats: alpaca (instruction, optional input, output), prompt/response,
+    and chat (messages: [system?], user, assistant). An optional string field `skill` names
+    the record's skill.
+    """
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_file():
+        raw = _read_json_records(path)
+    elif path.exists() or path.suffix in (".json", ".jsonl"):
+        raise DataError(f"{source}: not a readable JSON or JSONL file")
+    else:
+        try:
+            import datasets
+
+            raw = [dict(r) for r in datasets.load_dataset(source, split=split)]
+        except Exception as err:  # offline, unknown name, ...
+            raise DataError(f"{source}: no such file, and not loadable as a Hugging Face dataset ({err})") from err
+    if not raw:
+        raise DataError(f"{source}: contains no records")
+    return [normalize_record(r, source, i + 1) for i, r in enumerate(raw)]
+
+
+def _read_json_records(path) -> list:
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from err
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg})") from err
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+    return data
+
+
+def normalize_record(record, source: str, number: int) -> dict:
+    """One raw record -> {"prompt", "response", "skill", "system"}; `number` counts from 1."""
+    where = f"{source}: record {number}"
+
+    def field(name, required=True, allow_empty=False):
+        if name not in record:
+            if required:
+                raise DataError(f"{where}: field {name!r} is missing (record fields: {sorted(record)})")
+            return None
+        value = record[name]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        if not allow_empty and not value.strip():
+            raise DataError(f"{where}: field {name!r} is empty")
+        return value
+
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    system = None
+    if "messages" in record:
+        prompt, response, system = _chat_turn(record["messages"], where)
+    elif "instruction" in record:
+        prompt = field("instruction")
+        extra = field("input", required=False, allow_empty=True)
+        prompt = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
+        response = field("output")
+    elif "prompt" in record:
+        prompt, response = field("prompt"), field("response")
+    else:
+        raise DataError(
+            f"{where}: unknown record format (fields {sorted(record)}); expected alpaca "
+            "(instruction, input, output), prompt/response, or chat (messages)"
+        )
+    return {"prompt": prompt, "response": response, "skill": field("skill", required=False), "system": system}
+
+
+def _chat_turn(messages, where: str) -> tuple[str, str, str | None]:
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages] if isinstance(messages, list) else None
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise DataError(
+            f"{where}: field 'messages' must be [system (optional), user, assistant] with "
+            f"role/content entries; got roles {roles}"
+        )
+    contents = [m.get("content") for m in messages]
+    for role, content in zip(roles, contents):
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}: field 'messages' has an empty or non-string {role} content")
+    return contents[-2], contents[-1], contents[0] if len(contents) == 3 else None
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Tokenized records for training: labels only on response tokens.
+
+    Truncation policy for `max_length`: the prompt is kept whole and the response is cut at
+    its end; a record whose prompt alone leaves no room for a response token is dropped.
+    `truncated` and `dropped` count both cases. `skills` maps skill names to subspace indices
+    (records without a skill get -1).
+    """
+
+    def __init__(self, records: list[dict], tokenizer, max_length: int = 512, skills: list[str] | None = None):
+        index = {name: i for i, name in enumerate(skills or [])}
+        suffix, parts = response_suffix(tokenizer), {}
+        self.examples, self.truncated, self.dropped = [], 0, 0
+        for rec in records:
+            system = rec.get("system")
+            if system not in parts:
+                parts[system] = template_parts(tokenizer, system)
+            e = encode_example(tokenizer, rec["prompt"], rec["response"], parts=parts[system], suffix=suffix)
+            if len(e["input_ids"]) > max_length:
+                if e["prompt_length"] >= max_length:
+                    self.dropped += 1
+                    continue
+                self.truncated += 1
+                e["input_ids"], e["labels"] = e["input_ids"][:max_length], e["labels"][:max_length]
+            e["skill_label"] = index.get(rec.get("skill"), -1)
+            self.examples.append(e)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def skill_names(records: list[dict]) -> list[str]:
+    """Sorted distinct skill names of the records (subspace i <-> skills[i])."""
+    return sorted({r["skill"] for r in records if r.get("skill")})
+
+
+class Collator:
+    """Right-pads examples for training; adds skill_labels (B,) when `with_skills`."""
+
+    def __init__(self, pad_id: int, with_skills: bool = False):
+        self.pad_id, self.with_skills = pad_id, with_skills
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = pad_batch(examples, self.pad_id, side="right")
+        if self.with_skills:
+            batch["skill_labels"] = torch.tensor([e["skill_label"] for e in examples])
+        return batch

@@ -326,19 +326,41 @@ class CSReftModel(nn.Module):
         """Edits and router only (no base weights)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write adapter_model.safetensors + adapter_config.json, atomically (temp dir + rename)."""
+    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
+        """Write adapter_model.safetensors + adapter_config.json, atomically (temp dir + rename).
+
+        `metadata` (JSON-serialisable, e.g. the skill names) is stored in adapter_config.json.
+        """
+        atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata))
+
+    def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
+        """Write the adapter files into an existing directory (not atomic by itself)."""
         meta = {
             "csreft_config": self.csreft_config.to_dict(),
             "base_model": model_identity(self.base_model),
+            "metadata": metadata or {},
         }
         state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
+        save_file(state, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (Path(directory) / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-        def write(tmp: Path) -> None:
-            save_file(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-        atomic_directory(directory, write)
+    def load_adapter_weights(self, directory: str | os.PathLike) -> None:
+        """Load adapter tensors saved by write_adapter into this model; checks names and shapes."""
+        weights_path = Path(directory) / ADAPTER_WEIGHTS
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path}: missing; is {directory} a csreft adapter directory?")
+        state = load_file(weights_path)
+        expected = self.adapter_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{weights_path}: tensor {key} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(expected[key].shape)}"
+                )
+        self.load_state_dict(state, strict=False)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> "CSReftModel":
@@ -364,18 +386,7 @@ class CSReftModel(nn.Module):
             if saved.get(key) is not None and saved[key] != here[key]:
                 warnings.warn(f"{directory}: adapter base {key}={saved[key]!r}, this base has {here[key]!r}")
         model = cls(base_model, config)
-        state = load_file(weights_path)
-        expected = model.adapter_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(
-                    f"{weights_path}: tensor {key} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(expected[key].shape)}"
-                )
-        model.load_state_dict(state, strict=False)
+        model.load_adapter_weights(directory)
         return model.eval()
 
     def remove_hooks(self) -> nn.Module:

@@ -20,7 +20,11 @@ class _StraightThroughThreshold(torch.autograd.Function):
 
 
 class Router(nn.Module):
-    """MLP d -> hidden (ReLU) -> k with sigmoid outputs.
+    """MLP d -> hidden (ReLU) -> k with sigmoid outputs, on the layer-normalised input.
+
+    The input is normalised without parameters, so the router behaves the same whatever the
+    scale of the hidden states it reads (it differs by orders of magnitude across models and
+    layers).
 
     forward(x: (B, d)) -> (gates (B, k), probs (B, k)). `probs` are the sigmoid outputs;
     `gates` are what the edits use:
@@ -47,7 +51,8 @@ class Router(nn.Module):
         self.gating, self.threshold, self.top_k = gating, threshold, top_k
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.sigmoid(self.mlp(x.to(self.mlp[0].weight.dtype)))
+        x = x.to(self.mlp[0].weight.dtype)
+        probs = torch.sigmoid(self.mlp(F.layer_norm(x, x.shape[-1:])))
         if self.gating == "soft":
             return probs, probs
         if self.gating == "hard":

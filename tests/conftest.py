@@ -54,3 +54,47 @@ def smollm2():
 
         _smol["pair"] = load_base()
     return _smol["pair"]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer with a SmolLM2-style chat template, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["reverse the word", "upper-case the word", "count the letters", "system user assistant",
+              "You are a test model.", "abcdefghijklmnopqrstuvwxyz 0123456789"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory holding a tiny random Llama and its tokenizer, loadable by load_base()."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tok))
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
