@@ -46,6 +46,7 @@ class CSReftOutput(ModelOutput):
     task_loss: torch.Tensor | None = None
     sparsity_loss: torch.Tensor | None = None
     routing_loss: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None  # (N,) per labelled token, full_logits=False only
 
 
 def edit_positions(segments, starts, ends, seq_len):
@@ -86,6 +87,12 @@ class _Context:
             groups = [(i.to(device, non_blocking=True), v.to(device, non_blocking=True)) for i, v in self.groups]
             self._on_device[device] = (groups, self.gates.to(device, non_blocking=True))
         return self._on_device[device]
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, under either transformers name."""
+    name = "is_activation_checkpointing"
+    return bool(getattr(model, name if hasattr(type(model), name) else "is_gradient_checkpointing", False))
 
 
 class _StopForward(Exception):
@@ -130,6 +137,7 @@ class CSReftModel(nn.Module):
                 config.threshold, config.top_k,
             ).to(device_of(layers[config.layers[0]]))
         self._ctx: _Context | None = None
+        self._recompute_ctx: _Context | None = None
         self._hooks = [
             layers[config.layers[0]].register_forward_pre_hook(self._route_hook, with_kwargs=True),
             base_model.register_forward_hook(self._end_of_forward_hook),
@@ -139,13 +147,19 @@ class CSReftModel(nn.Module):
             self._hooks.append(layers[layer].register_forward_hook(hook))
 
     # -- hooks ------------------------------------------------------------------------------
-    def _active(self, hidden) -> bool:
-        return self._ctx is not None and hidden.shape[1] == self._ctx.seq_len
+    def _current(self, hidden) -> _Context | None:
+        """The context that applies to this layer call, if any.
+
+        Outside forward() only a gradient-checkpointing recomputation (grad enabled) may
+        still use the last training pass's context; any other call runs the plain base.
+        """
+        ctx = self._ctx or (self._recompute_ctx if torch.is_grad_enabled() else None)
+        return ctx if ctx is not None and hidden.shape[1] == ctx.seq_len else None
 
     def _route_hook(self, module, args, kwargs):
         hidden = _hidden_from(args, kwargs)
-        ctx = self._ctx
-        if not self._active(hidden) or ctx.gates is not None:
+        ctx = self._current(hidden)
+        if ctx is None or ctx.gates is not None:
             return None
         b = torch.arange(hidden.shape[0], device=hidden.device)
         starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
@@ -169,13 +183,14 @@ class CSReftModel(nn.Module):
     def _make_edit_hook(self, group_edits: nn.ModuleList):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if not self._active(hidden):
+            ctx = self._current(hidden)
+            if ctx is None:
                 return None
-            groups, gates = self._ctx.on(hidden.device)
-            gates = gates[:, None, :]  # (B, 1, k): one set of gates per sequence
+            groups, gates = ctx.on(hidden.device)
             for edit, (idx, valid) in zip(group_edits, groups):
                 index = idx[..., None].expand(-1, -1, hidden.shape[-1])
-                delta = edit.delta(hidden.gather(1, index), gates) * valid[..., None]
+                # gates (B, P, k): the sequence's gates at valid positions, 0 at padding ones
+                delta = edit.delta(hidden.gather(1, index), gates[:, None, :] * valid[..., None])
                 hidden = hidden.scatter_add(1, index, delta)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -235,35 +250,40 @@ class CSReftModel(nn.Module):
         prompt_lengths=None,
         skill_labels: torch.Tensor | None = None,
         full_logits: bool = True,
+        logits_at: torch.Tensor | None = None,
         **kwargs,
     ) -> CSReftOutput:
         """Edited forward pass. labels (B, L) as in transformers (-100 = ignore, unshifted).
 
         loss = task cross-entropy + sparsity_weight * Omega(probs)
                + routing_loss_weight * BCE(probs, skill_labels) (when skill_labels given).
-        full_logits=False (training): the LM head runs only where labels are set and
-        .logits is None.
+        full_logits=False (training): the LM head runs only where labels are set, .logits is
+        None and .token_losses holds each labelled token's loss (row-major order).
+        logits_at (B, L) bool (scoring): the LM head runs only there; .logits is (N, V),
+        N = logits_at.sum(), rows in row-major (b, position) order; no loss (labels must be None).
+        A 4D attention_mask (B, 1, L, L) goes to the base as is (e.g. several candidate
+        responses packed after one prompt); prompt spans then count from each row's start
+        (rows right-padded), so pass prompt_lengths.
         """
-        self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, labels)
-        with parametrize.cached():  # each orthonormal basis is computed once per pass
-            if labels is not None and not full_logits:
-                hidden = self.base_model.get_decoder()(
-                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
-                ).last_hidden_state
-                hidden, targets = hidden[:, :-1], labels[:, 1:]
-                keep = targets != -100
-                logits_kept = self.base_model.get_output_embeddings()(hidden[keep])
-                task = F.cross_entropy(logits_kept.float(), targets[keep])
-                logits = None
-            else:
-                logits = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-                task = None
-                if labels is not None:
-                    task = F.cross_entropy(
-                        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-                    )
-        ctx = self._ctx
-        out = CSReftOutput(logits=logits, gates=ctx.gates, probs=ctx.probs, task_loss=task)
+        if logits_at is not None and labels is not None:
+            raise ValueError("logits_at and labels cannot be combined: logits_at computes no loss")
+        padding = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
+        self._ctx = self._context(input_ids, padding, prompt_starts, prompt_lengths, labels)
+        try:
+            with parametrize.cached():  # each orthonormal basis is computed once per pass
+                logits, token_losses = self._logits(input_ids, attention_mask, labels, full_logits, logits_at, kwargs)
+        finally:
+            ctx, self._ctx = self._ctx, None
+        # Where a checkpointed layer's recomputation runs its hooks again, it needs this pass's
+        # context during backward (transformers 5.24 checkpoints `forward` only and runs hooks once).
+        self._recompute_ctx = ctx if torch.is_grad_enabled() and _checkpointing(self.base_model) else None
+        task = None
+        if token_losses is not None:
+            task = token_losses.mean()
+        elif labels is not None:
+            task = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        out = CSReftOutput(logits=logits, gates=ctx.gates, probs=ctx.probs, task_loss=task,
+                           token_losses=token_losses)
         if task is not None:
             out.loss = task
             if self.router is not None:
@@ -275,6 +295,21 @@ class CSReftModel(nn.Module):
                     out.routing_loss = routing_loss(ctx.probs, labels_on)
                     out.loss = out.loss + cfg.routing_loss_weight * out.routing_loss
         return out
+
+    def _logits(self, input_ids, attention_mask, labels, full_logits, logits_at, kwargs):
+        """(logits, token_losses) of the base run: full logits, or the LM head applied only at
+        `logits_at` (logits (N, V)) or at the labelled tokens (token_losses (N,), no logits)."""
+        if logits_at is None and (labels is None or full_logits):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits, None
+        hidden = self.base_model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        ).last_hidden_state
+        head = self.base_model.get_output_embeddings()
+        if logits_at is not None:
+            return head(hidden[logits_at.to(hidden.device)]), None
+        targets = labels[:, 1:]
+        keep = targets != -100
+        return None, F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none")
 
     @torch.no_grad()
     def route(self, input_ids, attention_mask=None, prompt_starts=None, prompt_lengths=None):

@@ -362,3 +362,41 @@ def test_trainable_parameter_counts_are_honest():
     assert c["router"] == d * 32 + 32 + 32 * 3 + 3
     assert c["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert c["percent"] == pytest.approx(100 * c["total"] / sum(p.numel() for p in model.base_model.parameters()))
+
+
+def test_base_calls_after_forward_are_not_edited(tiny_csreft):
+    ids = ids_batch()
+    base = tiny_csreft.base_model
+    tiny_csreft.remove_hooks()
+    with torch.no_grad():
+        ref = base(ids).logits
+    model = get_csreft_model(base, tiny_csreft.csreft_config)
+    model.load_state_dict(tiny_csreft.adapter_state_dict(), strict=False)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    model(ids, labels=labels).loss.backward()  # a training pass (grad enabled)
+    with torch.no_grad():
+        edited = model(ids).logits
+        again = base(ids).logits  # the same shape straight through the base: no edits
+    assert not torch.allclose(edited, ref, atol=1e-4)
+    torch.testing.assert_close(again, ref)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = ids_batch(2, 12)
+    labels = ids.clone()
+    labels[:, :7] = -100
+    grads = []
+    for checkpointing in (False, True):
+        model = get_csreft_model(tiny_llama(), CSReftConfig(layers=[1, 2], rank=2, num_subspaces=3))
+        randomize_edits(model, 0.5)
+        if checkpointing:
+            base = model.base_model
+            enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+        model.train()
+        model(ids, labels=labels, full_logits=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

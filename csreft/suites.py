@@ -1,0 +1,438 @@
+"""Multi-skill evaluation suites: a generated one with exactly checkable answers, and two read
+from the shared data folder (text classification, commonsense reasoning).
+
+A record is a plain dict:
+
+    {"prompt": str, "response": str, "skill": str,
+     "answer": str,          # what the checker compares against (default: the response)
+     "check": str,           # checker kind: "exact", "caseless", "numbers" or "label"
+     "choices": [str, ...],  # label tasks: candidate responses, one equals "response"
+     ...}                    # provenance ("id", "input", "skills" of a composed record)
+
+Suites are deterministic functions of their seed and sizes. The data files are read in place
+and never copied; without them the real-data suites raise SuiteUnavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+# -- checkers --------------------------------------------------------------------------------
+CHECK_KINDS = ("exact", "caseless", "numbers", "label")
+_QUOTES = "\"'`"
+
+
+def _normalise(text: str) -> str:
+    """Format noise every skill tolerates: outer whitespace and quotes, one trailing period,
+    runs of whitespace. Case is kept."""
+    text = " ".join(str(text).split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in _QUOTES:
+        text = text[1:-1].strip()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+def _numbers(text: str) -> list[int] | None:
+    """Integers of a list written with spaces and/or commas; None if anything else is there."""
+    parts = text.replace(",", " ").split()
+    if not parts or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
+def _label(text: str) -> str:
+    """The label in "the correct answer is <label>" (or a bare label), lower-cased."""
+    text = _normalise(text).lower()
+    head = "the correct answer is"
+    if text.startswith(head):
+        text = text[len(head):].strip()
+    return _normalise(text)
+
+
+def check_answer(kind: str, reference: str, output: str) -> bool:
+    """Does `output` give `reference`?
+
+    exact: case-sensitive text (reverse, upper-case); caseless: case-insensitive text
+    (sentiment words); numbers: the same integers in the same order, spaces or commas between
+    them; label: "the correct answer is <label>" or the bare label, case-insensitive.
+    All kinds ignore outer whitespace/quotes, a trailing period and repeated spaces.
+    """
+    if kind == "exact":
+        return _normalise(output) == _normalise(reference)
+    if kind == "caseless":
+        return _normalise(output).lower() == _normalise(reference).lower()
+    if kind == "numbers":
+        got = _numbers(_normalise(output))
+        return got is not None and got == _numbers(_normalise(reference))
+    if kind == "label":
+        return _label(output) == _label(reference)
+    raise ValueError(f"unknown check kind {kind!r}; expected one of {CHECK_KINDS}")
+
+
+# -- the suite container ---------------------------------------------------------------------
+class SuiteUnavailable(RuntimeError):
+    """A real-data suite's files are not there (a fresh clone has no ../shared/data)."""
+
+
+@dataclass
+class Suite:
+    """Records of several skills. train/test hold each skill's disjoint prompts; composed holds
+    held-out prompts that need two skills at once (never in train). scoring is "exact"
+    (greedy generation + checker) or "label" (log-likelihood choice among record["choices"])."""
+
+    name: str
+    skills: list[str]
+    train: list[dict]
+    test: list[dict]
+    composed: list[dict] = field(default_factory=list)
+    scoring: str = "exact"
+    info: dict = field(default_factory=dict)
+
+    def check(self, record: dict, output_text: str) -> bool:
+        """True iff output_text gives the record's answer (see check_answer for the kinds)."""
+        kind = record.get("check") or ("label" if self.scoring == "label" else "exact")
+        return check_answer(kind, record.get("answer", record["response"]), output_text)
+
+    def split(self, name: str) -> list[dict]:
+        """The records of "train", "test" or "composed"."""
+        if name not in ("train", "test", "composed"):
+            raise ValueError(f"unknown split {name!r}; expected 'train', 'test' or 'composed'")
+        return getattr(self, name)
+
+    def skill_index(self, record: dict) -> list[int]:
+        """Indices into self.skills of the skills a record needs (two for a composed one)."""
+        return [self.skills.index(s) for s in record.get("skills", [record["skill"]])]
+
+
+# -- the generated suite ---------------------------------------------------------------------
+# Three kinds of input, each shared by several skills that differ only in what they ask:
+#   words     -> reverse, upper
+#   sentences -> upper, count (words), sentiment
+#   numbers   -> add, sort, count (numbers)
+BUILTIN_SKILLS = ["add", "sort", "count", "reverse", "upper", "sentiment"]
+
+_WORDS = sorted({w for w in """
+    apple bread chair river stone cloud table horse plant music light grass water sugar
+    paper glass money honey lemon mouse night ocean piano queen robot shirt smile snake
+    spoon storm tiger train truck voice whale wheel world zebra angel badge beach berry
+    blade block board bonus brain brick brush cabin camel candy cargo chain chalk charm
+    chess chief child coast coral couch crane crowd crown dance diary dream dress drink
+    eagle earth fairy feast fence field flame flock flute forest frost fruit ghost giant
+    grape heart hotel house image jelly juice knife label lamp lake leaf lion magic maple
+    march medal metal mirror moon motor mountain nest novel olive onion orbit otter owner
+    panda party pearl pepper photo pilot pizza planet pocket poem pond pride prince puppy
+    quilt radio rain ranch rider rocket roof rose salad scarf scout sheep shell shore
+    silver skirt sleep snow socks sound space spice spider sport star steam stick sun
+    sweet sword teeth thumb toast tooth tower toy trail tree tulip turtle uncle union
+    valley vase video wagon watch wind window winter wolf yacht yard yellow young bag bed
+    bell bird boat book box bus cake car cat coat cup desk dog door drum egg farm fish flag
+    fork frog gift goat hat hill jar key kite lamb map milk nail net nut pan pen pig pot
+    ring road rug seed ship shoe sock tent tin top van web wing yarn cow fox owl bee ant
+    bear duck hen king mask ball bowl card coin corn dish doll fan film fire gate gold
+    harp iron jet kid lock meal mint nose oak path pear pine rock rope salt sand soap song
+    soup tail tape tea town wall wave wood
+""".split() if w != w[::-1]})
+
+_NOUNS = """
+    movie food meal book song game show hotel trip room service view story day party
+    class film concert coffee pizza team ride visit weather garden lesson album shop
+""".split()
+_POSITIVE = "good great lovely nice wonderful fun tasty excellent pleasant amazing superb fine".split()
+_NEGATIVE = "bad awful boring terrible dull poor horrible nasty bland sad weak rude".split()
+_SENTENCE_TEMPLATES = [
+    "{adj} {noun}",
+    "a {adj} {noun}",
+    "the {noun} was {adj}",
+    "what a {adj} {noun}",
+    "the {noun} was really {adj}",
+    "i think the {noun} is {adj}",
+    "honestly the {noun} felt very {adj}",
+]
+
+_PROMPTS = {
+    "add": "Add the numbers: {x}",
+    "sort": "Sort the numbers: {x}",
+    "count_numbers": "Count the numbers: {x}",
+    "count_words": "Count the words: {x}",
+    "reverse": "Reverse the word: {x}",
+    "upper": "Upper-case: {x}",
+    "sentiment": "Sentiment: {x}",
+}
+COMPOSED = {  # name -> (component skills, prompt, input kind)
+    "reverse+upper": (("reverse", "upper"), "Reverse the word, then upper-case it: {x}", "word"),
+    "sentiment+upper": (("sentiment", "upper"), "Sentiment, in upper case: {x}", "sentence"),
+    "sort+reverse": (("sort", "reverse"), "Sort the numbers, then reverse them: {x}", "numbers"),
+}
+
+
+@lru_cache(maxsize=None)
+def _sentences() -> tuple[tuple[str, str], ...]:
+    """Every (sentence, sentiment) the templates make (deterministic order)."""
+    out = []
+    for template in _SENTENCE_TEMPLATES:
+        for noun in _NOUNS:
+            for label, adjectives in (("positive", _POSITIVE), ("negative", _NEGATIVE)):
+                for adj in adjectives:
+                    text = template.format(adj=adj, noun=noun)
+                    out.append((re.sub(r"\ba (?=[aeiou])", "an ", text), label))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def _number_lists() -> tuple[tuple[int, ...], ...]:
+    """Lists of 3 to 5 distinct digits 1..9, neither ascending nor descending (so sorting
+    them is never a copy), in a fixed pseudo-random order."""
+    rng = random.Random("csreft-number-lists")
+    seen, out = set(), []
+    while len(out) < 2000:
+        x = tuple(rng.sample(range(1, 10), rng.choice((3, 4, 4, 5))))
+        if x not in seen and list(x) != sorted(x) and list(x) != sorted(x, reverse=True):
+            seen.add(x)
+            out.append(x)
+    return tuple(out)
+
+
+def _fmt(nums) -> str:
+    return " ".join(str(n) for n in nums)
+
+
+def _skill_items(skill: str) -> list[tuple[str, str, str, str]]:
+    """All (prompt, answer, check kind, input) of one skill, in a fixed order."""
+    nums, sents = _number_lists(), _sentences()
+    if skill == "add":
+        return [(_PROMPTS["add"].format(x=_fmt(x)), str(sum(x)), "numbers", _fmt(x)) for x in nums]
+    if skill == "sort":
+        return [(_PROMPTS["sort"].format(x=_fmt(x)), _fmt(sorted(x)), "numbers", _fmt(x)) for x in nums]
+    if skill == "count":
+        # alternate lists and sentences so any prefix of a shuffle holds both kinds
+        a = [(_PROMPTS["count_numbers"].format(x=_fmt(x)), str(len(x)), "numbers", _fmt(x)) for x in nums]
+        b = [(_PROMPTS["count_words"].format(x=s), str(len(s.split())), "numbers", s) for s, _ in sents]
+        return [item for pair in zip(a, b) for item in pair]
+    if skill == "reverse":
+        return [(_PROMPTS["reverse"].format(x=w), w[::-1], "exact", w) for w in _WORDS]
+    if skill == "upper":
+        return [(_PROMPTS["upper"].format(x=x), x.upper(), "exact", x)
+                for x in _WORDS + [s for s, _ in sents]]
+    if skill == "sentiment":
+        return [(_PROMPTS["sentiment"].format(x=s), label, "caseless", s) for s, label in sents]
+    raise ValueError(f"unknown builtin skill {skill!r}; expected one of {BUILTIN_SKILLS}")
+
+
+def _composed_items(name: str) -> list[tuple[str, str, str, str]]:
+    skills, prompt, kind = COMPOSED[name]
+    if kind == "word":
+        return [(prompt.format(x=w), w[::-1].upper(), "exact", w) for w in _WORDS]
+    if kind == "sentence":
+        return [(prompt.format(x=s), label.upper(), "exact", s) for s, label in _sentences()]
+    return [(prompt.format(x=_fmt(x)), _fmt(sorted(x, reverse=True)), "numbers", _fmt(x)) for x in _number_lists()]
+
+
+def _record(prompt, answer, kind, x, skill, **extra) -> dict:
+    rec = {"prompt": prompt, "response": answer, "skill": skill, "answer": answer, "check": kind, "input": x}
+    if skill == "sentiment":
+        rec["choices"] = ["positive", "negative"]
+    rec.update(extra)
+    return rec
+
+
+def builtin_suite(seed: int = 0, train_per_skill: int = 100, test_per_skill: int = 50,
+                  composed: int = 60) -> Suite:
+    """Generated suite of 6 skills with exactly checkable, few-token answers.
+
+    Skills share inputs (the same word reversed or upper-cased; the same sentence upper-cased,
+    counted or judged; the same digit list added, sorted or counted), so an edit that mixes
+    skills up gives a wrong, checkable answer. Per skill, a seeded shuffle of all its prompts
+    gives train (first train_per_skill) and test (next test_per_skill): disjoint prompts.
+    composed: held-out two-skill prompts, split evenly over COMPOSED, whose inputs are not in
+    the training records of either component skill. Same seed and sizes -> same suite.
+    """
+    if min(train_per_skill, test_per_skill, composed) < 0:
+        raise ValueError("sizes must be >= 0")
+    train, test, used_inputs = [], [], {}
+    for skill in BUILTIN_SKILLS:
+        items = _skill_items(skill)
+        need = train_per_skill + test_per_skill
+        if need > len(items):
+            raise ValueError(f"skill {skill!r} has {len(items)} distinct prompts; asked for {need} "
+                             f"(train_per_skill + test_per_skill)")
+        random.Random(f"{seed}:builtin:{skill}").shuffle(items)
+        train += [_record(*it, skill) for it in items[:train_per_skill]]
+        test += [_record(*it, skill) for it in items[train_per_skill:need]]
+        used_inputs[skill] = {it[3] for it in items[:train_per_skill]}
+    names = list(COMPOSED)
+    counts = [composed // len(names) + (i < composed % len(names)) for i in range(len(names))]
+    held_out = []
+    for name, n in zip(names, counts):
+        skills = COMPOSED[name][0]
+        items = [it for it in _composed_items(name) if not any(it[3] in used_inputs[s] for s in skills)]
+        if n > len(items):
+            raise ValueError(f"composed task {name!r} has {len(items)} inputs unseen in training; asked for {n}")
+        random.Random(f"{seed}:builtin:{name}").shuffle(items)
+        held_out += [_record(*it, name, skills=list(skills)) for it in items[:n]]
+    train_prompts = {r["prompt"] for r in train}
+    assert not train_prompts & {r["prompt"] for r in test + held_out}
+    info = {
+        "seed": seed,
+        "sizes": {"train_per_skill": train_per_skill, "test_per_skill": test_per_skill,
+                  "composed": dict(zip(names, counts))},
+        "split": "per skill, a seeded shuffle of all its distinct prompts: train first, test next "
+                 "(disjoint prompts); composed inputs are unseen by both component skills' train",
+        "composed_skills": {name: list(COMPOSED[name][0]) for name in names},
+    }
+    return Suite("builtin", list(BUILTIN_SKILLS), train, test, held_out, "exact", info)
+
+
+# -- the shared data folder ------------------------------------------------------------------
+CLASSIFICATION_TASKS = {
+    "sst2": ["positive", "negative"],
+    "agnews": ["world", "sports", "business", "technology"],
+    "trec": ["description", "entity", "abbreviation", "person", "location", "number"],
+}
+COMMONSENSE_TASKS = {
+    "boolq": ["true", "false"],
+    "piqa": ["solution1", "solution2"],
+    "arc_easy": ["answer1", "answer2", "answer3", "answer4"],
+    "arc_challenge": ["answer1", "answer2", "answer3", "answer4"],
+    "openbookqa": ["answer1", "answer2", "answer3", "answer4"],
+}
+_FORMAT_LINE = re.compile(r"Answer format:\s*([^\n]+?)\s*$")
+
+
+def data_dir_candidates(data_dir=None) -> list[Path]:
+    """Where the shared data folder is looked for, in order: data_dir; else $CSREFT_DATA;
+    else ../shared/data next to the project root; else ../shared/data from the current directory."""
+    if data_dir is not None:
+        return [Path(data_dir)]
+    if os.environ.get("CSREFT_DATA"):
+        return [Path(os.environ["CSREFT_DATA"])]
+    project_root = Path(__file__).resolve().parents[1]
+    return [project_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+
+
+def find_data_dir(subfolder: str, files: list[str], data_dir=None) -> Path:
+    """The first candidate folder holding every `subfolder/file`; SuiteUnavailable otherwise."""
+    looked = data_dir_candidates(data_dir)
+    for root in looked:
+        if all((root / subfolder / f).is_file() for f in files):
+            return root
+    where = ", ".join(str(p) for p in looked)
+    raise SuiteUnavailable(
+        f"the {subfolder} data is not available: looked for {subfolder}/{{{', '.join(files)}}} in "
+        f"{where}; set CSREFT_DATA (or pass data_dir) to the shared data folder"
+    )
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _labels_of(raw: dict, default: list[str]) -> list[str]:
+    """This record's answer labels, from its "Answer format: a/b/..." line, else the task's."""
+    found = _FORMAT_LINE.search(raw["instruction"])
+    labels = found.group(1).split("/") if found else list(default)
+    if raw["answer"] not in labels:
+        labels.append(raw["answer"])
+    return labels
+
+
+def _convert(raw: dict, task: str, labels: list[str], source: str) -> dict:
+    """A data-folder record {instruction, input, output, answer} as a suite record."""
+    prompt = raw["instruction"] + (f"\n\n{raw['input']}" if raw.get("input") else "")
+    output, answer = raw["output"], raw["answer"]
+    prefix = output[: -len(answer)] if output.endswith(answer) else "the correct answer is "
+    return {
+        "prompt": prompt, "response": output, "skill": task, "answer": answer, "check": "label",
+        "choices": [prefix + label for label in _labels_of(raw, labels)], "id": source,
+    }
+
+
+def _subset(records: list, n: int | None, seed_key: str) -> list[int]:
+    """Indices of a seeded subset of size n (all if None); a bigger n extends a smaller one."""
+    order = list(range(len(records)))
+    random.Random(seed_key).shuffle(order)
+    return order if n is None else order[: min(n, len(order))]
+
+
+def _file_suite(name, tasks, subfolder, train_per_skill, test_per_skill, seed, data_dir,
+                piqa_test_fraction=0.5) -> Suite:
+    """Suite from data-folder tasks; piqa (no train file) gets a seeded disjoint split."""
+    files = [f"{t}/{s}.json" for t in tasks for s in ("train", "test") if not (t == "piqa" and s == "train")]
+    root = find_data_dir(subfolder, files, data_dir)
+    train, test, sizes, sources, notes = [], [], {}, {}, {}
+    for task, labels in tasks.items():
+        folder = root / subfolder / task
+        if task == "piqa":
+            pool = _read(folder / "test.json")
+            order = list(range(len(pool)))
+            random.Random(f"{seed}:piqa-split").shuffle(order)
+            n_test = round(len(pool) * piqa_test_fraction)
+            test_idx, train_idx = sorted(order[:n_test]), sorted(order[n_test:])
+            parts = {"train": ([pool[i] for i in train_idx], train_idx, "test.json"),
+                     "test": ([pool[i] for i in test_idx], test_idx, "test.json")}
+            notes["piqa_split"] = {
+                "source": str(folder / "test.json"), "seed": seed, "test_fraction": piqa_test_fraction,
+                "train_indices": train_idx, "test_indices": test_idx,
+                "how": f"random.Random('{seed}:piqa-split').shuffle of the file's indices; the "
+                       "first test_fraction are the held-out test part, the rest the train part",
+            }
+        else:
+            parts = {}
+            for split in ("train", "test"):
+                recs = _read(folder / f"{split}.json")
+                parts[split] = (recs, list(range(len(recs))), f"{split}.json")
+        sizes[task], sources[task] = {}, {}
+        for split, n, out in (("train", train_per_skill, train), ("test", test_per_skill, test)):
+            recs, file_idx, fname = parts[split]
+            chosen = _subset(recs, n, f"{seed}:{name}:{task}:{split}")
+            out += [_convert(recs[i], task, labels, f"{task}/{fname}#{file_idx[i]}") for i in chosen]
+            sizes[task][split] = len(chosen)
+            sources[task][split] = str(folder / fname)
+    info = {
+        "seed": seed, "data_dir": str(root), "sizes": sizes, "sources": sources,
+        "requested": {"train_per_skill": train_per_skill, "test_per_skill": test_per_skill},
+        "split": "each file's indices shuffled by random.Random(f'{seed}:<suite>:<task>:<split>'); "
+                 "the first n are taken (a larger n extends a smaller one)",
+        **notes,
+    }
+    return Suite(name, list(tasks), train, test, [], "label", info)
+
+
+def classification_suite(train_per_skill: int | None = 500, test_per_skill: int | None = 200,
+                         seed: int = 0, data_dir=None) -> Suite:
+    """sst2 / agnews / trec from <data>/classification: seeded subsets of the train and test
+    files (None = all). Prompt = instruction (+ input), response = "the correct answer is
+    <label>", choices = that prefix with each label of the task; scoring "label"."""
+    return _file_suite("classification", CLASSIFICATION_TASKS, "classification",
+                       train_per_skill, test_per_skill, seed, data_dir)
+
+
+def commonsense_suite(train_per_skill: int | None = 500, test_per_skill: int | None = 200,
+                      seed: int = 0, data_dir=None, piqa_test_fraction: float = 0.5) -> Suite:
+    """boolq / piqa / arc_easy / arc_challenge / openbookqa from <data>/commonsense.
+
+    piqa has only a test file: a seeded shuffle splits it into a train part and a disjoint
+    held-out test part (piqa_test_fraction of it), both recorded in info["piqa_split"].
+    Each record's choices come from its "Answer format:" line (arc has 3 to 5 answers).
+    """
+    if not 0.0 < piqa_test_fraction < 1.0:
+        raise ValueError(f"piqa_test_fraction={piqa_test_fraction}: must be in (0, 1)")
+    return _file_suite("commonsense", COMMONSENSE_TASKS, "commonsense", train_per_skill,
+                       test_per_skill, seed, data_dir, piqa_test_fraction)
+
+
+SUITES = {"builtin": builtin_suite, "classification": classification_suite, "commonsense": commonsense_suite}
+
+
+def get_suite(name: str, **kwargs) -> Suite:
+    """builtin_suite / classification_suite / commonsense_suite by name, with their keywords."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}")
+    return SUITES[name](**kwargs)
