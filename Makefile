@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/csreft generate --prompt "What is the capital of France?" --prompt "Name three primary colours."
+	$(BIN)/csreft demo --output-dir runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -180,7 +180,17 @@ def normalize_record(record, source: str, number: int) -> dict:
             f"{where}: unknown record format (fields {sorted(record)}); expected alpaca "
             "(instruction, input, output), prompt/response, or chat (messages)"
         )
-    return {"prompt": prompt, "response": response, "skill": field("skill", required=False), "system": system}
+    out = {"prompt": prompt, "response": response, "skill": field("skill", required=False), "system": system}
+    if "answer" in record:  # what a checker compares against (else the whole response)
+        out["answer"] = field("answer")
+    if "choices" in record:  # candidate responses for label log-likelihood scoring
+        choices = record["choices"]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{where}: field 'choices' must be a list of at least two strings")
+        if response not in choices:
+            raise DataError(f"{where}: field 'choices' must contain the response {response!r}")
+        out["choices"] = choices
+    return out
 
 
 def _chat_turn(messages, where: str) -> tuple[str, str, str | None]:
@@ -222,6 +232,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 self.truncated += 1
                 e["input_ids"], e["labels"] = e["input_ids"][:max_length], e["labels"][:max_length]
             e["skill_label"] = index.get(rec.get("skill"), -1)
+            if isinstance(rec.get("answer"), str) and rec["answer"] and rec["answer"] in rec["response"]:
+                e["answer_mask"] = _answer_mask(tokenizer, rec, suffix, e["prompt_length"], len(e["input_ids"]))
             self.examples.append(e)
 
     def __len__(self) -> int:
@@ -231,19 +243,32 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
+def _answer_mask(tokenizer, record: dict, suffix: str, prompt_length: int, length: int) -> list[int]:
+    """1 on the response tokens that spell record["answer"] (its last occurrence), else 0."""
+    enc = tokenizer(record["response"] + suffix, add_special_tokens=False, return_offsets_mapping=True)
+    a = record["response"].rfind(record["answer"])
+    b = a + len(record["answer"])
+    mask = [0] * prompt_length + [int(x < b and y > a) for x, y in enc["offset_mapping"]]
+    return mask[:length]
+
+
 def skill_names(records: list[dict]) -> list[str]:
     """Sorted distinct skill names of the records (subspace i <-> skills[i])."""
     return sorted({r["skill"] for r in records if r.get("skill")})
 
 
 class Collator:
-    """Right-pads examples for training; adds skill_labels (B,) when `with_skills`."""
+    """Right-pads examples for training; adds skill_labels (B,) when `with_skills`, and
+    answer_mask (B, L) when every example marks its answer tokens."""
 
     def __init__(self, pad_id: int, with_skills: bool = False):
         self.pad_id, self.with_skills = pad_id, with_skills
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = pad_batch(examples, self.pad_id, side="right")
+        if all("answer_mask" in e for e in examples):
+            width = batch["input_ids"].shape[1]
+            batch["answer_mask"] = torch.tensor([e["answer_mask"] + [0] * (width - len(e["answer_mask"])) for e in examples])
         if self.with_skills:
             batch["skill_labels"] = torch.tensor([e["skill_label"] for e in examples])
         return batch

@@ -57,7 +57,21 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss was NaN or infinite."""
 
 
-class CSReftTrainer(Trainer):
+class OrderedTrainer(Trainer):
+    """Trainer that can keep the dataset's order (shuffle=False), so that runs compared with
+    each other see exactly the same examples in the same order."""
+
+    def __init__(self, *args, shuffle: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shuffle = shuffle
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.shuffle:
+            return super()._get_train_sampler(*args, **kwargs)
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+class CSReftTrainer(OrderedTrainer):
     """Trainer for a CSReftModel; see the module docstring."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean
@@ -70,14 +84,19 @@ class CSReftTrainer(Trainer):
         self.tokens_seen = 0  # becomes a tensor on the training device (no per-step sync)
 
     # -- loss and statistics -------------------------------------------------------------------
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        answer_mask = inputs.pop("answer_mask", None)
         out = model(**inputs, full_logits=False)
         if model.training:
-            self._accumulate(out, inputs)
+            self._accumulate(out, inputs, answer_mask)
         return (out.loss, out) if return_outputs else out.loss
 
-    def _accumulate(self, out, inputs) -> None:
+    def _accumulate(self, out, inputs, answer_mask=None) -> None:
         parts = {"task_loss": out.task_loss, "sparsity_loss": out.sparsity_loss, "routing_loss": out.routing_loss}
+        if answer_mask is not None:  # loss on the answer tokens alone (format tokens are learnt fast)
+            on_answer = answer_mask[:, 1:][inputs["labels"][:, 1:] != -100].bool()
+            parts["answer_loss"] = (out.token_losses * on_answer).sum() / on_answer.sum().clamp(min=1)
         core = self.accelerator.unwrap_model(self.model)
         if core.router is not None:
             gates = out.gates.detach().float()
@@ -201,10 +220,12 @@ def training_arguments(opts: dict) -> TrainingArguments:
         eval_strategy="steps" if opts["eval_data"] and opts["save_steps"] else ("epoch" if opts["eval_data"] else "no"),
         eval_steps=opts["save_steps"] or None,
         remove_unused_columns=False,
+        prediction_loss_only=True,
         label_names=["labels"],
         report_to=report_to,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every edit and the router take part in each step
         **_cpu_multiprocess_arguments(),
     )
 
