@@ -1,10 +1,11 @@
-"""The `csreft` command line: info, generate, train."""
+"""The `csreft` command line: info, generate, train, eval, compare, demo."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -157,6 +158,82 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, help=helps.get(name, f"default: {default}"))
 
 
+DEMO_DEFAULTS = dict(suite="builtin", methods=("base", "loreft", "csreft"), seeds=1, max_steps=None,
+                     max_minutes=10.0, train_per_skill=60, test_per_skill=20, composed=30,
+                     output_dir="runs/demo")
+
+
+def add_compare_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """One flag per CompareOptions field; `defaults` override the dataclass defaults."""
+    from .compare import CompareOptions
+
+    group = parser.add_argument_group("comparison")
+    for f in dataclasses.fields(CompareOptions):
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("methods", "layers"):
+            group.add_argument(flag, default=",".join(map(str, default)), help=f"comma-separated (default: {','.join(map(str, default))})")
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            group.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import METHODS, CompareOptions, compare
+    from .suites import SuiteUnavailable
+
+    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareOptions)}
+    opts["methods"] = METHODS if opts["methods"] == "all" else tuple(m.strip() for m in opts["methods"].split(","))
+    unknown = sorted(set(opts["methods"]) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"csreft: --methods: unknown {unknown}; allowed: {', '.join(METHODS)} or all")
+    opts["layers"] = [int(x) for x in str(opts["layers"]).replace(";", ",").split(",") if x.strip()]
+    try:
+        compare(CompareOptions(**opts))
+    except SuiteUnavailable as err:
+        raise SystemExit(f"csreft: {err}")
+    report = Path(opts["output_dir"]) / "report.md"
+    print(report.read_text())
+    print(f"report: {report} (and report.json, gate heatmaps) in {opts['output_dir']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import load_records, skill_names
+    from .evaluation import evaluate_suite
+    from .suites import Suite
+
+    records = load_records(args.data)
+    for r in records:
+        r["skill"] = r.get("skill") or "all"
+    method = args.method or ("label" if all("choices" in r for r in records) else "exact")
+    if method == "label" and not all("choices" in r for r in records):
+        raise SystemExit(f"csreft eval: --method label needs a 'choices' list in every record of {args.data}")
+    base_name = args.model
+    if base_name is None:
+        meta = json.loads((Path(args.adapter) / "adapter_config.json").read_text()) if args.adapter else {}
+        base_name = meta.get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
+    from .base_models import load_base
+
+    model, tokenizer = load_base(base_name)
+    if args.adapter:
+        from .model import CSReftModel
+
+        model = CSReftModel.from_pretrained(model, args.adapter)
+    suite = Suite(name=args.data, skills=skill_names(records), train=[], test=records,
+                  scoring="label" if method == "label" else "exact")
+    if method == "nll":
+        result = evaluate_suite(model, tokenizer, suite, method="exact", batch_size=args.batch_size, with_nll=True)
+        print(f"response NLL per token: {result['response_nll']:.4f} (perplexity {math.exp(result['response_nll']):.2f})")
+    else:
+        result = evaluate_suite(model, tokenizer, suite, method=method, batch_size=args.batch_size)
+    print(f"{'skill':<20}{'n':>6}{'accuracy':>10}")
+    for skill, v in result["per_skill"].items():
+        print(f"{skill:<20}{v['n']:>6}{v['accuracy']:>10.3f}")
+    print(f"{'mean over skills':<20}{result['n']:>6}{result['accuracy']:>10.3f}  ({method}, {result['seconds']:.1f} s)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csreft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(train)
     add_config_options(train)
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="score a base model or adapter on a data file, per skill")
+    ev.add_argument("--data", required=True, help="JSON / JSONL records (optional: skill, answer, choices)")
+    ev.add_argument("--adapter", help="adapter directory (default: the base model alone)")
+    ev.add_argument("--model", default=None, help="base model (default: the adapter's base)")
+    ev.add_argument("--method", choices=("exact", "label", "nll"), default=None,
+                    help="exact match of greedy output, label log-likelihood over 'choices', or "
+                    "response NLL (default: label when every record has choices, else exact)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--output", help="write the full result (per-example correctness) as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    cmp_ = sub.add_parser("compare", help="base vs LoReFT vs specialists vs CS-ReFT vs LoRA on a suite")
+    add_compare_options(cmp_, {})
+    cmp_.set_defaults(func=cmd_compare)
+
+    demo = sub.add_parser("demo", help="the main job: a reduced comparison on the built-in suite (~10 min on 2 CPU cores)")
+    add_compare_options(demo, DEMO_DEFAULTS)
+    demo.set_defaults(func=cmd_compare)
+
     return parser
 
 
