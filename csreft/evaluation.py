@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .data import encode_example, response_suffix, template_parts
 from .generation import generate_texts
@@ -125,7 +126,7 @@ def _entry_logprobs(model, rows: list[_Row], pad_id: int, batch_size: int) -> li
     dtype = getattr(model, "dtype", torch.float32)
     out: list[torch.Tensor | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
-    for i in range(0, len(order), batch_size):
+    for i in tqdm(range(0, len(order), batch_size), desc="scoring", leave=False, disable=None):
         chunk = [rows[j] for j in order[i:i + batch_size]]
         width = max(len(r.ids) for r in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)

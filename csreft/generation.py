@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import encode_example, pad_batch, template_parts
 from .model import CSReftModel
@@ -21,7 +22,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     texts = []
-    for i in range(0, len(encoded), batch_size):
+    for i in tqdm(range(0, len(encoded), batch_size), desc="generating", leave=False, disable=None):
         batch = pad_batch(encoded[i:i + batch_size], pad_id, side="left")
         kwargs = dict(input_ids=batch["input_ids"].to(device),
                       attention_mask=batch["attention_mask"].to(device),

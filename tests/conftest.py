@@ -98,3 +98,29 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+class CharTokenizer:
+    """One id per character (ids 3..102), with a small chat template whose system prompt comes
+    before every user turn (so the user's content starts well inside the sequence);
+    CharTokenizer(template=False) has none (the plain instruction format)."""
+
+    def __init__(self, template: bool = True):
+        self.chat_template = "char" if template else None
+
+    bos_token = eos_token = "~"
+    pad_token_id = eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        out = {"input_ids": [3 + (ord(c) % 100) for c in text]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return out
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "" if messages[0]["role"] == "system" else "[system]Be brief.|\n"
+        text += "".join(f"[{m['role']}]{m['content']}|\n" for m in messages)
+        return text + ("[assistant]" if add_generation_prompt else "")
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(chr(29 + int(i)) for i in row if int(i) != self.eos_token_id) for row in rows]

@@ -5,28 +5,14 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import CharTokenizer, tiny_llama
 from csreft import CSReftConfig, get_csreft_model
 from csreft.cli import main
 from csreft.data import encode_example, pad_batch
 
 
-class CharTokenizer:
-    """A template-less tokenizer: one id per character, offsets included."""
-
-    chat_template = None
-    bos_token = eos_token = "~"
-    pad_token_id = eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
-        out = {"input_ids": [3 + (ord(c) % 100) for c in text]}
-        if return_offsets_mapping:
-            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
-        return out
-
-
 def test_plain_format_without_chat_template_masks_the_prompt():
-    tok = CharTokenizer()
+    tok = CharTokenizer(template=False)
     e = encode_example(tok, "ab", "xyz")
     prefix_len = len("~### Instruction:\n")
     assert e["prompt_start"] == prefix_len
