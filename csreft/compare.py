@@ -240,9 +240,15 @@ def compare(opts: CompareOptions) -> dict:
                 model.remove_hooks()
             base.eval()
             runs[method].append(res)
+            report = write_report(out, suite, runs, params, base, opts, max_steps, time.time() - started,
+                                  {"csreft": csreft_cfg.to_dict(), "loreft": loreft_cfg.to_dict()})
+    return report
 
-    report = build_report(suite, runs, params, base, opts, max_steps, time.time() - started,
-                          {"csreft": csreft_cfg.to_dict(), "loreft": loreft_cfg.to_dict()})
+
+def write_report(out: Path, suite, runs, *args) -> dict:
+    """Write report.json and report.md from the runs finished so far (after every run, so an
+    interrupted comparison still leaves its results)."""
+    report = build_report(suite, {m: r for m, r in runs.items() if r}, *args)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report))
     return report
