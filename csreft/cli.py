@@ -71,15 +71,14 @@ def config_from_options(opts: dict) -> CSReftConfig:
 
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .base_models import resolve_model_path
     from .model import get_csreft_model
 
     opts = merged_options(args)
     config = config_from_options(opts)
-    model_name = opts.get("model", DEFAULT_MODEL)
-    base_config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    model_name = opts.get("model") or DEFAULT_MODEL
+    base_config = base_model_config(model_name, opts.get("base_shape"))
     with torch.device("meta"):  # shapes only: no weights are read or downloaded
         model = get_csreft_model(AutoModelForCausalLM.from_config(base_config), config)
     counts = model.trainable_parameters()
@@ -90,6 +89,27 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"\n{'component':<12}{'parameters':>15}{'% of base':>12}")
     for name, n in rows:
         print(f"{name:<12}{n:>15,}{100.0 * n / counts['base']:>11.4f}%")
+
+
+def base_model_config(model_name: str, base_shape: dict | None = None):
+    """The base model's config; with `base_shape` (a mapping with model_type, hidden_size, ...)
+    only the local cache is tried, and the shape is used when the config is not there."""
+    from transformers import AutoConfig
+
+    from .base_models import resolve_model_path
+
+    if not base_shape:
+        return AutoConfig.from_pretrained(resolve_model_path(model_name))
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(model_name), local_files_only=True)
+    except Exception as err:  # not cached, gated, offline, ...
+        shape = dict(base_shape)
+        print(f"base model config not available locally ({type(err).__name__}); using base_shape "
+              "from the configuration", file=sys.stderr)
+        try:
+            return AutoConfig.for_model(shape.pop("model_type"), **shape)
+        except (KeyError, ValueError) as bad:
+            raise SystemExit(f"csreft: base_shape {base_shape}: needs model_type and the shape fields ({bad})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -123,8 +143,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import run
 
     opts = merged_options(args)
-    opts.pop("func", None)
-    opts.pop("command", None)
+    for key in ("func", "command", "base_shape"):  # base_shape is for `csreft info` only
+        opts.pop(key, None)
     try:
         run(opts)
     except (ValueError, FileNotFoundError) as err:
@@ -278,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_options(demo, DEMO_DEFAULTS)
     demo.set_defaults(func=cmd_compare)
 
+    from .instruct_cli import add_instruct_parsers  # generate-eval, judge, response-nll, data prep
+
+    add_instruct_parsers(sub)
     return parser
 
 
