@@ -14,6 +14,7 @@ columns, so R_j R_i^T = 0 for i != j and edit i never moves subspace j's coordin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
@@ -53,7 +54,8 @@ class SubspaceEdits(nn.Module):
 
     def stacked_basis(self) -> torch.Tensor:
         """Q = [R_1^T ... R_k^T], shape (d, k*r)."""
-        q = self.basis
+        q = _householder_basis(self.parametrizations.basis)
+        q = self.basis if q is None else q
         return q if q.dim() == 2 else q.permute(1, 0, 2).reshape(self.hidden_size, -1)
 
     def delta(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -62,11 +64,35 @@ class SubspaceEdits(nn.Module):
         Computed in the parameters' dtype (float32 by default), returned in h's dtype.
         """
         q = self.stacked_basis()
-        x = h.to(q.dtype)
         w = self.weight - q.T if self.subtract_projection else self.weight
-        coords = self.dropout(x @ w.T + self.bias)  # (..., k*r)
-        coords = coords * gates.to(q.dtype).repeat_interleave(self.rank, dim=-1)
-        return (coords @ q.T).to(h.dtype)
+        coords = self.dropout(F.linear(h.to(q.dtype), w, self.bias))  # (..., k*r)
+        coords = coords.unflatten(-1, (self.num_subspaces, self.rank)) * gates.to(q.dtype)[..., None]
+        return F.linear(coords.flatten(-2), q).to(h.dtype)
 
     def forward(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h, gates)
+
+
+def _householder_basis(parametrization) -> torch.Tensor | None:
+    """The value of torch's orthogonal parametrisation (Householder map, trivialised) of a tall
+    (..., d, n) matrix, by a cheaper route; None where that is not the map in use.
+
+    torch computes base @ (H_1 ... H_n)[:, :n] * sign with H_i = I - tau_i v_i v_i^T through
+    linalg.householder_product, whose backward loops over the n reflectors with d x d work
+    (19 ms for d = 576, n = 16 on one CPU core; seconds for d = 4096). The same product in
+    compact WY form, I - V T V^T with T^-1 = striu(V^T V) + diag(V^T V) / 2 (the UT
+    transform; tau_i = 2 / v_i^T v_i), needs two small matmuls and one n x n triangular solve,
+    forward and backward. Equal to torch's result up to rounding (~1e-7).
+    """
+    orth = parametrization[0]
+    x, base = parametrization.original, getattr(orth, "base", None)
+    if getattr(orth.orthogonal_map, "name", None) != "householder" or base is None or x.is_complex():
+        return None
+    d, n = x.shape[-2:]
+    eye = torch.eye(d, n, dtype=x.dtype, device=x.device)
+    v = x.tril(-1) + eye  # reflectors with their implicit unit diagonal
+    vtv = v.mT @ v
+    t_inv = vtv.triu(1) + torch.diag_embed(vtv.diagonal(dim1=-2, dim2=-1) / 2)
+    q = eye - v @ torch.linalg.solve_triangular(t_inv, v[..., :n, :].mT, upper=True)
+    # as torch does: the diagonal of x holds the column signs and gets no gradient
+    return base @ (q * x.diagonal(dim1=-2, dim2=-1).int().unsqueeze(-2))
