@@ -71,7 +71,7 @@ TRAIN_METHODS = ("reference", "loreft", "csreft", "lora")
 GEN_METHODS = ("base", "loreft", "csreft")
 SHAPES = {  # random-initialised Llama shapes (no weights are read)
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=26,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }
@@ -198,9 +198,10 @@ class Method:
             params = [p for p in model.parameters() if p.requires_grad]
         else:
             raise ValueError(f"unknown method {name!r}")
-        self.model, self.params = model, params
-        # no weight decay: decoupled decay would also shrink the fixed -1 diagonal that torch's
-        # orthogonal parametrisation keeps in the basis's raw tensor (the training recipe uses 0)
+        self.model = model
+        # no weight decay (the training recipe's default too): decoupled decay would also shrink
+        # the fixed -1 diagonal of the basis's raw tensor, which torch's orthogonal
+        # parametrisation reads through int(), and so zero every basis after one step
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
     def train(self, batch):
