@@ -53,7 +53,9 @@ class SubspaceEdits(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def stacked_basis(self) -> torch.Tensor:
-        """Q = [R_1^T ... R_k^T], shape (d, k*r)."""
+        """Q = [R_1^T ... R_k^T], shape (d, k*r). Read the bases through this method: it stays
+        orthonormal under weight decay, while torch's own `self.basis` does not (it reads the
+        sign diagonal with .int())."""
         q = _householder_basis(self.parametrizations.basis)
         q = self.basis if q is None else q
         return q if q.dim() == 2 else q.permute(1, 0, 2).reshape(self.hidden_size, -1)
@@ -94,5 +96,6 @@ def _householder_basis(parametrization) -> torch.Tensor | None:
     vtv = v.mT @ v
     t_inv = vtv.triu(1) + torch.diag_embed(vtv.diagonal(dim1=-2, dim2=-1) / 2)
     q = eye - v @ torch.linalg.solve_triangular(t_inv, v[..., :n, :].mT, upper=True)
-    # as torch does: the diagonal of x holds the column signs and gets no gradient
-    return base @ (q * x.diagonal(dim1=-2, dim2=-1).int().unsqueeze(-2))
+    # the diagonal of x holds the column signs (+-1) and gets no gradient. torch reads it with
+    # .int(), so weight decay (-1 -> -0.99 -> 0) would zero the basis; sign() is immune to that.
+    return base @ (q * x.diagonal(dim1=-2, dim2=-1).detach().sign().unsqueeze(-2))

@@ -13,7 +13,7 @@ def ortho_error(edit: SubspaceEdits) -> float:
     q = edit.stacked_basis()
     if edit.basis.dim() == 2:
         return (q.T @ q - torch.eye(q.shape[1])).abs().max().item()
-    b = edit.basis  # (k, d, r)
+    b = q.unflatten(1, (edit.num_subspaces, edit.rank)).transpose(0, 1)  # (k, d, r): R_i^T blocks
     return (b.transpose(1, 2) @ b - torch.eye(b.shape[-1])).abs().max().item()
 
 
@@ -32,6 +32,20 @@ def test_bases_stay_orthonormal_under_training(shared):
         opt.step()
     assert not torch.allclose(edit.stacked_basis(), start, atol=1e-3)  # it did move
     assert ortho_error(edit) < 1e-5
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_weight_decay_does_not_destroy_the_bases(shared):
+    torch.manual_seed(0)
+    edit = SubspaceEdits(48, rank=4, num_subspaces=3, orthogonal_subspaces=shared)
+    opt = torch.optim.AdamW(edit.parameters(), lr=1e-2, weight_decay=0.1)
+    h = torch.randn(16, 48)
+    for _ in range(20):
+        loss = (edit(h, torch.rand(16, 3)) - h.flip(0)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ortho_error(edit) < 1e-5  # still orthonormal columns, not zeroed
 
 
 def test_independent_bases_are_not_mutually_orthogonal():
