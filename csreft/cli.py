@@ -241,11 +241,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model = CSReftModel.from_pretrained(model, args.adapter)
     suite = Suite(name=args.data, skills=skill_names(records), train=[], test=records,
                   scoring="label" if method == "label" else "exact")
-    if method == "nll":
-        result = evaluate_suite(model, tokenizer, suite, method="exact", batch_size=args.batch_size, with_nll=True)
-        print(f"response NLL per token: {result['response_nll']:.4f} (perplexity {math.exp(result['response_nll']):.2f})")
-    else:
-        result = evaluate_suite(model, tokenizer, suite, method=method, batch_size=args.batch_size)
+    if method == "nll":  # scoring only: no generation
+        from .evaluation import response_nll
+
+        result = {"method": "nll", "per_skill": {}}
+        print(f"{'skill':<20}{'n':>6}{'NLL/token':>11}")
+        for skill in suite.skills:
+            subset = [r for r in records if r["skill"] == skill]
+            nll = response_nll(model, tokenizer, subset, args.batch_size)
+            result["per_skill"][skill] = {"n": len(subset), "response_nll": nll}
+            print(f"{skill:<20}{len(subset):>6}{nll:>11.4f}")
+        result["response_nll"] = response_nll(model, tokenizer, records, args.batch_size)
+        print(f"{'all':<20}{len(records):>6}{result['response_nll']:>11.4f}  "
+              f"(perplexity {math.exp(result['response_nll']):.2f})")
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2))
+        return
+    result = evaluate_suite(model, tokenizer, suite, method=method, batch_size=args.batch_size)
     print(f"{'skill':<20}{'n':>6}{'accuracy':>10}")
     for skill, v in result["per_skill"].items():
         print(f"{skill:<20}{v['n']:>6}{v['accuracy']:>10.3f}")

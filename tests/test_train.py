@@ -205,3 +205,12 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, tiny_model_dir):
         assert torch.equal(r0[k], r1[k]), k
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["examples_seen"] == 4 * 3 * 2
+
+
+def test_cli_eval_nll_per_skill(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "t.jsonl", skill_records()[:6] + skill_records()[-6:])
+    main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--method", "nll",
+          "--output", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["per_skill"]) == {"reverse", "first"} and result["response_nll"] > 0
+    assert "NLL/token" in capsys.readouterr().out
