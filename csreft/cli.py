@@ -248,10 +248,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{'skill':<20}{'n':>6}{'NLL/token':>11}")
         for skill in suite.skills:
             subset = [r for r in records if r["skill"] == skill]
-            nll = response_nll(model, tokenizer, subset, args.batch_size)
+            nll = response_nll(model, tokenizer, subset, args.batch_size)["nll"]
             result["per_skill"][skill] = {"n": len(subset), "response_nll": nll}
             print(f"{skill:<20}{len(subset):>6}{nll:>11.4f}")
-        result["response_nll"] = response_nll(model, tokenizer, records, args.batch_size)
+        result["response_nll"] = response_nll(model, tokenizer, records, args.batch_size)["nll"]
         print(f"{'all':<20}{len(records):>6}{result['response_nll']:>11.4f}  "
               f"(perplexity {math.exp(result['response_nll']):.2f})")
         if args.output:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import encode_example, response_suffix, template_parts
+from .data import SupervisedDataset, encode_example, response_suffix, template_parts
 from .generation import generate_texts
 from .model import CSReftModel
 
@@ -195,21 +195,29 @@ def score_choices(model, tokenizer, records: list[dict], batch_size: int = 8,
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
-def response_nll(model, tokenizer, records: list[dict], batch_size: int = 8,
-                 system: str | None = None) -> float:
-    """Mean negative log-likelihood per response token (end-of-turn marker included) over all
-    records, weighted by tokens: sum of NLLs / number of response tokens."""
-    parts, suffix = template_parts(tokenizer, system), response_suffix(tokenizer)
+def response_nll(model, tokenizer, records: list[dict], batch_size: int = 8, system: str | None = None,
+                 max_length: int | None = None) -> dict:
+    """Mean negative log-likelihood per response token (end-of-turn marker included), weighted
+    by tokens: {"nll", "perplexity", "tokens", "examples", "truncated", "dropped", "max_length"}.
+
+    Records may carry their own "system" (else `system`). With max_length, records are cut as
+    in training (SupervisedDataset: the prompt is kept, the response cut; a record whose
+    prompt fills max_length is dropped and counted).
+    """
+    if system is not None:
+        records = [{**r, "system": r.get("system", system)} for r in records]
+    data = SupervisedDataset(records, tokenizer, max_length or 1 << 30)
     rows = []
-    for n, record in enumerate(records):
-        e = encode_example(tokenizer, record["prompt"], record["response"], parts=parts, suffix=suffix)
+    for n, e in enumerate(data.examples):
         p = e["prompt_length"]
         rows.append(_plain_row(e["input_ids"][:p], e["prompt_start"], e["input_ids"][p:], n, 0))
     logprobs = _entry_logprobs(model, rows, _pad_id(tokenizer), batch_size)
     count = sum(len(lp) for lp in logprobs)
     if count == 0:
         raise ValueError("no response tokens to score")
-    return -float(sum(lp.double().sum() for lp in logprobs)) / count
+    nll = -float(sum(lp.double().sum() for lp in logprobs)) / count
+    return {"nll": nll, "perplexity": math.exp(nll), "tokens": count, "examples": len(rows),
+            "truncated": data.truncated, "dropped": data.dropped, "max_length": max_length}
 
 
 def exact_match_accuracy(model, tokenizer, records: list[dict], check, batch_size: int = 8,
@@ -269,7 +277,7 @@ def evaluate_suite(model, tokenizer, suite, split: str = "test", method: str | N
         "per_skill": per_skill, "correct": correct, "predictions": predictions, "skills": skills,
     }
     if with_nll:
-        out["response_nll"] = response_nll(model, tokenizer, records, batch_size, system)
+        out["response_nll"] = response_nll(model, tokenizer, records, batch_size, system)["nll"]
     out["seconds"] = time.perf_counter() - t0
     return out
 

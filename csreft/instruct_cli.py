@@ -105,7 +105,8 @@ def cmd_judge(args: argparse.Namespace) -> None:
 
 
 def cmd_response_nll(args: argparse.Namespace) -> None:
-    from .instruct_eval import load_instructions, response_nll
+    from .evaluation import response_nll
+    from .instruct_eval import load_instructions
 
     selected = load_instructions(args.data, args.offset, args.limit)
     records = [{"prompt": r["prompt"], "response": r["output"]} for r in selected
@@ -114,7 +115,7 @@ def cmd_response_nll(args: argparse.Namespace) -> None:
     started = time.time()
     result = {"model": base_name, "adapter": args.adapter, "data": args.data,
               "without_reference": len(selected) - len(records),
-              **response_nll(model, tokenizer, records, args.batch_size, args.max_length)}
+              **response_nll(model, tokenizer, records, args.batch_size, max_length=args.max_length)}
     result["wall_seconds"] = round(time.time() - started, 1)
     print(json.dumps(result, indent=2))
     if args.report:

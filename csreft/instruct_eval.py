@@ -5,7 +5,6 @@
   batch so that an interrupted run resumes where it stopped;
 - `judge_pairwise`: a local chat model compares two systems' outputs, in both orders, by the
   probability it gives to answering "A" or "B"; win rate with its standard error;
-- `response_nll`: per-token NLL of reference responses, a quality proxy that needs no judge;
 - `split_alpaca_eval`, `ultrafeedback_best`: data preparation for the recipes in configs/.
 """
 
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, SupervisedDataset, _read_json_records, encode_prompt, pad_batch, template_parts
+from .data import DataError, _read_json_records, encode_prompt, pad_batch, template_parts
 
 ALPACA_EVAL_FILE = "alpaca_eval/alpaca_eval_v1_text_davinci_003.json"
 ALPACA_EVAL_HUB = "tatsu-lab/alpaca_eval"  # its alpaca_eval.json holds the same 805 records
@@ -305,40 +304,6 @@ def format_report(report: dict) -> str:
 
 # -- judge-free quality proxy --------------------------------------------------------------------
 @torch.no_grad()
-def response_nll(model, tokenizer, records: list[dict], batch_size: int = 8, max_length: int = 512) -> dict:
-    """Per-token mean NLL (nats) and perplexity of the records' responses given their prompts.
-
-    `records` are {"prompt", "response"[, "system"]} (csreft.data.load_records). `model` is a
-    CSReftModel (edits applied as in training) or a plain causal LM. The LM head runs only at
-    response positions; batches are weighted by their token counts.
-    """
-    from .model import CSReftModel
-
-    data = SupervisedDataset(records, tokenizer, max_length)
-    examples = sorted(data.examples, key=lambda e: len(e["input_ids"]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[s: s + batch_size], pad_id).items()}
-        count = int((batch["labels"][:, 1:] != -100).sum())
-        if isinstance(model, CSReftModel):
-            loss = model(**batch, full_logits=False).task_loss
-        else:
-            hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).last_hidden_state
-            targets = batch["labels"][:, 1:]
-            keep = targets != -100
-            logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
-        total += float(loss) * count
-        tokens += count
-    nll = total / max(tokens, 1)
-    return {"nll": round(nll, 5), "perplexity": round(math.exp(nll), 3), "tokens": tokens,
-            "examples": len(examples), "truncated": data.truncated, "dropped": data.dropped,
-            "max_length": max_length}
-
-
 # -- data preparation ----------------------------------------------------------------------------
 def split_alpaca_eval(out_dir: str | os.PathLike, source: str | None = None, train_size: int = 600,
                       seed: int = 0) -> dict:

@@ -159,7 +159,16 @@ def test_response_nll_is_the_token_weighted_loss():
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * n
             count += n
-    assert response_nll(model, tok, records, batch_size=2) == pytest.approx(total / count, rel=1e-4)
+    result = response_nll(model, tok, records, batch_size=2)
+    assert result["nll"] == pytest.approx(total / count, rel=1e-4) and result["tokens"] == count
+    # max_length as in training: the long record's response is cut, a prompt that fills it is dropped
+    short = len(encode_example(tok, "abc", "xy")["input_ids"])
+    cut = response_nll(model, tok, records, batch_size=2, max_length=short)
+    assert (cut["examples"], cut["truncated"], cut["dropped"]) == (1, 0, 1)
+    assert cut["tokens"] == short - len(encode_example(tok, "abc")["input_ids"])
+    room = len(encode_example(tok, "a longer prompt")["input_ids"]) + 2
+    cut = response_nll(model, tok, records, batch_size=2, max_length=room)
+    assert (cut["examples"], cut["truncated"], cut["dropped"]) == (2, 1, 0)
 
 
 def test_exact_match_and_evaluate_suite_use_the_suite_checker(monkeypatch):

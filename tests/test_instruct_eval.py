@@ -12,8 +12,9 @@ import csreft.generation
 from conftest import tiny_llama, tiny_tokenizer
 from csreft import CSReftConfig, get_csreft_model, load_base
 from csreft.cli import config_from_options, main, read_options_file
+from csreft.evaluation import response_nll
 from csreft.instruct_eval import (
-    data_root, generate_outputs, judge_pairwise, load_instructions, response_nll, sidecar_paths,
+    data_root, generate_outputs, judge_pairwise, load_instructions, sidecar_paths,
     split_alpaca_eval, ultrafeedback_best, win_rate,
 )
 
