@@ -4,7 +4,9 @@ On one suite, with the same data order, seed and step budget, it trains and scor
   base         the frozen model, no training;
   loreft       one LoReFT edit (k = 1, no router) of rank k*r: the same edit parameters;
   specialists  one LoReFT per skill, trained on exactly the examples of that skill that the
-               joint runs saw, in the same order: the no-interference reference;
+               joint runs saw, in the same order: the no-interference reference. At the
+               joint batch size a specialist takes about 1/k of the joint run's optimizer
+               steps; specialist_batch_size ~ batch_size / k gives it about as many steps;
   csreft       k subspaces with a learned (unsupervised) router;
   csreft_supervised  the same, with the skill-supervised routing loss;
   lora         PEFT LoRA on q_proj and v_proj at about the same trainable-parameter count.
@@ -46,6 +48,7 @@ class CompareOptions:
     max_steps: int | None = 100  # None with max_minutes: sized to fit the time
     max_minutes: float | None = None
     batch_size: int = 8
+    specialist_batch_size: int | None = None  # None: batch_size (same examples, 1/k of the steps)
     lr: float = 4e-3
     rank: int = 4
     num_subspaces: int | None = None  # None: one per skill
@@ -73,11 +76,12 @@ def training_stream(records: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: Path,
-           skills=None, supervised=False, lora=False) -> float:
+           skills=None, supervised=False, lora=False, batch_size: int | None = None) -> float:
     """Train on `records` in their order, one pass; returns wall seconds."""
     data = SupervisedDataset(records, tokenizer, opts.max_length, skills)
-    args = training_arguments({**DEFAULTS, "output_dir": str(out_dir), "batch_size": opts.batch_size,
-                               "lr": opts.lr, "seed": seed, "max_steps": math.ceil(len(data) / opts.batch_size),
+    batch_size = batch_size or opts.batch_size
+    args = training_arguments({**DEFAULTS, "output_dir": str(out_dir), "batch_size": batch_size,
+                               "lr": opts.lr, "seed": seed, "max_steps": math.ceil(len(data) / batch_size),
                                "logging_steps": 10})
     common = dict(model=model, args=args, train_dataset=data, shuffle=False,
                   callbacks=[JsonlLogger(out_dir / "log.jsonl")])
@@ -274,7 +278,8 @@ def _specialists(base, tokenizer, suite, config, stream, opts, seed, run_dir) ->
         model = get_csreft_model(base, config)  # with no examples of its skill it stays the base
         merged["parameters"] += model.trainable_parameters()["total"]
         if records:
-            merged["train_seconds"] += _train(model, tokenizer, records, opts, seed, run_dir / skill)
+            merged["train_seconds"] += _train(model, tokenizer, records, opts, seed, run_dir / skill,
+                                              batch_size=opts.specialist_batch_size)
         res = evaluate_suite(model, tokenizer, suite, "test", records=[suite.test[i] for i in test_idx],
                              batch_size=opts.eval_batch_size)
         model.remove_hooks()
@@ -335,6 +340,7 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs) -> d
         "suite": suite.name, "skills": suite.skills, "suite_info": suite.info,
         "sizes": {"train": len(suite.train), "test": len(suite.test), "composed": len(suite.composed)},
         "seeds": list(range(opts.seeds)), "max_steps": max_steps, "batch_size": opts.batch_size,
+        "specialist_batch_size": opts.specialist_batch_size or opts.batch_size,
         "examples_seen_per_joint_run": max_steps * opts.batch_size,
         "methods": methods, "interference": interference, "paired_tests": tests,
         "configs": configs, "options": asdict(opts), "wall_seconds": wall, "base_parameters": base_params,
@@ -375,13 +381,20 @@ def render_markdown(r: dict) -> str:
         for name, v in r["interference"].items():
             cells = [f"{v['per_skill'][s] * 100:+.1f}" if s in v["per_skill"] else "n/a" for s in skills]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['mean'] * 100:+.1f} |")
+        seen = r["methods"]["specialists"]["examples_per_skill"]
+        if seen:
+            per = {s: statistics.mean(e[s] for e in seen) for s in skills}
+            bs = r.get("specialist_batch_size", r["batch_size"])
+            lines += ["", f"Each specialist saw its skill's share of the joint stream, at batch size {bs}: " +
+                      ", ".join(f"{s} {n:.0f} examples ({math.ceil(n / bs)} steps)" for s, n in per.items()) + "."]
     if r["paired_tests"]:
         lines += ["", "Paired tests on the same test examples, pooled over seeds (difference = a - b).", "",
                   "| a | b | n | difference (95% CI) | McNemar p |", "|---|---|---|---|---|"]
         for t in r["paired_tests"]:
             lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {t['accuracy_difference'] * 100:+.1f} "
                          f"({t['ci95'][0] * 100:+.1f}, {t['ci95'][1] * 100:+.1f}) | {t['mcnemar_p']:.3g} |")
-    gates = [f"gates-{m}-seed{s}.png" for m in r["methods"] if m.startswith("csreft") for s in r["seeds"]]
+    gates = [f"gates-{m}-seed{s}.png" for m, v in r["methods"].items() if m.startswith("csreft")
+             for s in r["seeds"][:len(v["gates"])]]
     if gates:
         lines += ["", "Gate heatmaps (mean gate per skill x subspace on the test set): " + ", ".join(gates)]
     lines += ["", "Configurations:", "", "```json", json.dumps(r["configs"], indent=1), "```", ""]

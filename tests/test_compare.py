@@ -19,7 +19,7 @@ def test_training_stream_is_seeded_and_cycles():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("compare")
-    opts = CompareOptions(suite="builtin", seeds=2, max_steps=2, batch_size=4, lr=1e-2, rank=2,
+    opts = CompareOptions(suite="builtin", seeds=2, max_steps=2, batch_size=4, specialist_batch_size=1, lr=1e-2, rank=2,
                           layers=[1, 2], positions="f2+l2", router_hidden=16, train_per_skill=4,
                           test_per_skill=2, composed=6, eval_batch_size=8, model=str(tiny_model_dir),
                           output_dir=str(out), max_length=64)
@@ -69,6 +69,12 @@ def test_report_numbers_come_from_the_runs(report):
         assert t["n"] == 2 * r["sizes"]["test"] and 0.0 <= t["mcnemar_p"] <= 1.0
     runs = json.loads((out / "runs" / "csreft-seed0" / "log.jsonl").read_text().splitlines()[-1])
     assert runs["step"] == 2
+    # specialist_batch_size=1: one optimizer step per example of the skill
+    for skill, n in per_seed[1].items():
+        if n:
+            last = (out / "runs" / "specialists-seed1" / skill / "log.jsonl").read_text().splitlines()[-1]
+            assert json.loads(last)["step"] == n
+    assert "at batch size 1:" in (out / "report.md").read_text()
 
 
 def test_cli_rejects_unknown_method(capsys):
