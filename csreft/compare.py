@@ -32,7 +32,7 @@ from .config import CSReftConfig
 from .data import Collator, SupervisedDataset, encode_example, pad_batch, template_parts
 from .evaluation import evaluate_suite, mcnemar, paired_bootstrap
 from .model import get_csreft_model
-from .train import DEFAULTS, CSReftTrainer, JsonlLogger, OrderedTrainer, training_arguments
+from .train import DEFAULTS, CSReftTrainer, JsonlLogger, OrderedTrainer, answer_loss, training_arguments
 
 METHODS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora")
 JOINT = ("loreft", "csreft", "csreft_supervised", "lora")
@@ -80,13 +80,13 @@ def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: 
     """Train on `records` in their order, one pass; returns wall seconds."""
     data = SupervisedDataset(records, tokenizer, opts.max_length, skills)
     batch_size = batch_size or opts.batch_size
+    steps = math.ceil(len(data) / batch_size)
     args = training_arguments({**DEFAULTS, "output_dir": str(out_dir), "batch_size": batch_size,
-                               "lr": opts.lr, "seed": seed, "max_steps": math.ceil(len(data) / batch_size),
-                               "logging_steps": 10})
+                               "lr": opts.lr, "seed": seed, "max_steps": steps, "logging_steps": min(10, steps)})
     common = dict(model=model, args=args, train_dataset=data, shuffle=False,
                   callbacks=[JsonlLogger(out_dir / "log.jsonl")])
     if lora:
-        trainer = OrderedTrainer(data_collator=_LoraCollator(tokenizer.pad_token_id), **common)
+        trainer = _LoraTrainer(data_collator=_LoraCollator(tokenizer.pad_token_id), **common)
     else:
         trainer = CSReftTrainer(data_collator=Collator(tokenizer.pad_token_id, with_skills=supervised), **common)
     started = time.time()
@@ -98,7 +98,22 @@ def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: 
 class _LoraCollator(Collator):
     def __call__(self, examples):
         batch = super().__call__(examples)
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "answer_mask") if k in batch}
+
+
+class _LoraTrainer(OrderedTrainer):
+    """A PEFT model's own loss, with the answer-token loss logged as for the other methods."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        answer_mask = inputs.pop("answer_mask", None)
+        loss, out = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if model.training and answer_mask is not None:
+            labels = inputs["labels"]
+            keep = labels[:, 1:] != -100
+            tokens = torch.nn.functional.cross_entropy(out.logits[:, :-1][keep].float(), labels[:, 1:][keep],
+                                                       reduction="none")
+            self.add_stats({"task_loss": tokens.mean(), "answer_loss": answer_loss(tokens, labels, answer_mask)})
+        return (loss, out) if return_outputs else loss
 
 
 def lora_rank_for(base, target_parameters: int, modules=("q_proj", "v_proj")) -> int:

@@ -59,16 +59,44 @@ class NonFiniteLossError(RuntimeError):
 
 class OrderedTrainer(Trainer):
     """Trainer that can keep the dataset's order (shuffle=False), so that runs compared with
-    each other see exactly the same examples in the same order."""
+    each other see exactly the same examples in the same order, and that logs the mean of the
+    per-step statistics given to add_stats (loss parts, router statistics) next to the loss."""
 
     def __init__(self, *args, shuffle: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.shuffle = shuffle
+        self._stats: dict[str, torch.Tensor] = {}
+        self._stats_n = 0
 
     def _get_train_sampler(self, *args, **kwargs):
         if self.shuffle:
             return super()._get_train_sampler(*args, **kwargs)
         return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    def add_stats(self, parts: dict) -> None:
+        """Add one step's statistics (scalars, or a vector logged as name_0, name_1, ...)."""
+        for name, value in parts.items():
+            if value is not None:
+                self._stats[name] = self._stats.get(name, 0) + value.detach()
+        self._stats_n += 1
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self._stats_n and "loss" in logs:
+            for name, total in self._stats.items():
+                mean = total / self._stats_n
+                if mean.dim() == 0:
+                    logs[name] = round(mean.item(), 5)
+                else:
+                    logs.update({f"{name}_{i}": round(v, 4) for i, v in enumerate(mean.tolist())})
+            self._stats, self._stats_n = {}, 0
+        super().log(logs, start_time)
+
+
+def answer_loss(token_losses: torch.Tensor, labels: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Mean loss on the answer tokens alone. token_losses: (N,) over the labelled targets
+    labels[:, 1:] != -100 in row-major order; answer_mask: (B, L), 1 on answer tokens."""
+    on_answer = answer_mask[:, 1:][labels[:, 1:] != -100].bool()
+    return (token_losses * on_answer).sum() / on_answer.sum().clamp(min=1)
 
 
 class CSReftTrainer(OrderedTrainer):
@@ -79,8 +107,6 @@ class CSReftTrainer(OrderedTrainer):
     def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
-        self._stats: dict[str, torch.Tensor] = {}
-        self._stats_n = 0
         self.tokens_seen = 0  # becomes a tensor on the training device (no per-step sync)
 
     # -- loss and statistics -------------------------------------------------------------------
@@ -95,8 +121,7 @@ class CSReftTrainer(OrderedTrainer):
     def _accumulate(self, out, inputs, answer_mask=None) -> None:
         parts = {"task_loss": out.task_loss, "sparsity_loss": out.sparsity_loss, "routing_loss": out.routing_loss}
         if answer_mask is not None:  # loss on the answer tokens alone (format tokens are learnt fast)
-            on_answer = answer_mask[:, 1:][inputs["labels"][:, 1:] != -100].bool()
-            parts["answer_loss"] = (out.token_losses * on_answer).sum() / on_answer.sum().clamp(min=1)
+            parts["answer_loss"] = answer_loss(out.token_losses, inputs["labels"], answer_mask)
         core = self.accelerator.unwrap_model(self.model)
         if core.router is not None:
             gates = out.gates.detach().float()
@@ -104,11 +129,7 @@ class CSReftTrainer(OrderedTrainer):
             parts["gate_entropy"] = -(mass * mass.clamp(min=1e-12).log()).sum(-1).mean()
             parts["gate_active_frac"] = (out.probs.detach() >= core.csreft_config.threshold).float().mean()
             parts["gate_mean"] = gates.mean(0)
-        for name, value in parts.items():
-            if value is not None:
-                value = value.detach()
-                self._stats[name] = self._stats.get(name, 0) + value
-        self._stats_n += 1
+        self.add_stats(parts)
         self.tokens_seen = self.tokens_seen + inputs["attention_mask"].sum()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -122,16 +143,6 @@ class CSReftTrainer(OrderedTrainer):
             )
         return loss
 
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        if self._stats_n and "loss" in logs:
-            for name, total in self._stats.items():
-                mean = total / self._stats_n
-                if mean.dim() == 0:
-                    logs[name] = round(mean.item(), 5)
-                else:
-                    logs.update({f"gate_mean_{i}": round(v, 4) for i, v in enumerate(mean.tolist())})
-            self._stats, self._stats_n = {}, 0
-        super().log(logs, start_time)
 
     # -- checkpoints: adapter only, atomic -----------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -69,6 +69,9 @@ def test_report_numbers_come_from_the_runs(report):
         assert t["n"] == 2 * r["sizes"]["test"] and 0.0 <= t["mcnemar_p"] <= 1.0
     runs = json.loads((out / "runs" / "csreft-seed0" / "log.jsonl").read_text().splitlines()[-1])
     assert runs["step"] == 2
+    for method in ("loreft", "csreft", "lora"):  # the answer-token loss is logged for every joint method
+        logged = [json.loads(line) for line in (out / "runs" / f"{method}-seed0" / "log.jsonl").read_text().splitlines()]
+        assert any(0 < row.get("answer_loss", -1) < 50 for row in logged), method
     # specialist_batch_size=1: one optimizer step per example of the skill
     for skill, n in per_seed[1].items():
         if n:
