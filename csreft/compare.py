@@ -259,6 +259,8 @@ def compare(opts: CompareOptions) -> dict:
                 model.remove_hooks()
             base.eval()
             runs[method].append(res)
+            run_dir.mkdir(parents=True, exist_ok=True)  # per-example results, for tests of one's own
+            (run_dir / "result.json").write_text(json.dumps(res))
             report = write_report(out, suite, runs, params, base, opts, max_steps, time.time() - started,
                                   {"csreft": csreft_cfg.to_dict(), "loreft": loreft_cfg.to_dict()})
     return report

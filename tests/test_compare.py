@@ -78,6 +78,10 @@ def test_report_numbers_come_from_the_runs(report):
             last = (out / "runs" / "specialists-seed1" / skill / "log.jsonl").read_text().splitlines()[-1]
             assert json.loads(last)["step"] == n
     assert "at batch size 1:" in (out / "report.md").read_text()
+    # per-example results are kept, so other paired tests can be run later
+    kept = json.loads((out / "runs" / "csreft-seed1" / "result.json").read_text())
+    assert len(kept["correct"]) == r["sizes"]["test"]
+    assert kept["accuracy"] == pytest.approx(r["methods"]["csreft"]["per_seed_accuracy"][1])
 
 
 def test_cli_rejects_unknown_method(capsys):
