@@ -246,12 +246,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         result = {"method": "nll", "per_skill": {}}
         print(f"{'skill':<20}{'n':>6}{'NLL/token':>11}")
-        for skill in suite.skills:
+        total = tokens = 0
+        for skill in suite.skills:  # every record has a skill ("all" when it had none)
             subset = [r for r in records if r["skill"] == skill]
-            nll = response_nll(model, tokenizer, subset, args.batch_size)["nll"]
-            result["per_skill"][skill] = {"n": len(subset), "response_nll": nll}
-            print(f"{skill:<20}{len(subset):>6}{nll:>11.4f}")
-        result["response_nll"] = response_nll(model, tokenizer, records, args.batch_size)["nll"]
+            scored = response_nll(model, tokenizer, subset, args.batch_size)
+            result["per_skill"][skill] = {"n": len(subset), "response_nll": scored["nll"]}
+            total, tokens = total + scored["nll"] * scored["tokens"], tokens + scored["tokens"]
+            print(f"{skill:<20}{len(subset):>6}{scored['nll']:>11.4f}")
+        result["response_nll"] = total / tokens  # token-weighted, as over all records at once
         print(f"{'all':<20}{len(records):>6}{result['response_nll']:>11.4f}  "
               f"(perplexity {math.exp(result['response_nll']):.2f})")
         if args.output:

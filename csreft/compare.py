@@ -226,12 +226,11 @@ def compare(opts: CompareOptions) -> dict:
         stream = training_stream(suite.train, n_seen, seed)
         for method in methods:
             run_dir = out / "runs" / f"{method}-seed{seed}"
-            if method == "base":
-                runs[method].append({**base_result, "train_seconds": 0.0})
-                params[method] = 0
-                continue
             set_seed(seed)
-            if method == "specialists":
+            if method == "base":
+                res = {**base_result, "train_seconds": 0.0}
+                params[method] = 0
+            elif method == "specialists":
                 res = _specialists(base, tokenizer, suite, loreft_cfg, stream, opts, seed, run_dir)
                 params[method] = res.pop("parameters")
             elif method == "lora":

@@ -143,7 +143,6 @@ class CSReftTrainer(OrderedTrainer):
             )
         return loss
 
-
     # -- checkpoints: adapter only, atomic -----------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.args.should_save:

@@ -82,6 +82,7 @@ def test_report_numbers_come_from_the_runs(report):
     kept = json.loads((out / "runs" / "csreft-seed1" / "result.json").read_text())
     assert len(kept["correct"]) == r["sizes"]["test"]
     assert kept["accuracy"] == pytest.approx(r["methods"]["csreft"]["per_seed_accuracy"][1])
+    assert len(json.loads((out / "runs" / "base-seed0" / "result.json").read_text())["correct"]) == r["sizes"]["test"]
 
 
 def test_cli_rejects_unknown_method(capsys):

@@ -214,3 +214,10 @@ def test_cli_eval_nll_per_skill(tmp_path, tiny_model_dir, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result["per_skill"]) == {"reverse", "first"} and result["response_nll"] > 0
     assert "NLL/token" in capsys.readouterr().out
+    # the overall figure is the token-weighted NLL over all records at once
+    from csreft import load_base
+    from csreft.data import load_records
+    from csreft.evaluation import response_nll
+
+    model, tok = load_base(str(tiny_model_dir))
+    assert result["response_nll"] == pytest.approx(response_nll(model, tok, load_records(str(data)))["nll"], rel=1e-6)
