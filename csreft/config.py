@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 FORMAT_VERSION = 1
 
 INTERVENTIONS = ("loreft", "direft")
-ROUTER_INPUTS = ("mean", "first", "last")
-GATINGS = ("soft", "hard", "topk")
+ROUTER_INPUTS = ("mean", "first", "last", "head", "attention")
+GATINGS = ("soft", "hard", "topk", "anneal")
 _POSITIONS_RE = re.compile(r"^(?:all|f\d+|l\d+|f\d+\+l\d+)$")
 
 
@@ -53,13 +54,17 @@ class CSReftConfig:
     share_positions: bool = True  # one edit for first and last positions, or one each
     intervention: str = "loreft"
     orthogonal_subspaces: bool = True  # all k bases from one orthonormal d x (k*r) matrix
+    shared_subspaces: int = 0  # always-on edits (gate 1) beside the k routed ones
     use_router: bool = True  # False: every gate is 1 (k = 1 without router is LoReFT)
     router_input: str = "mean"
+    router_head: int = 8  # tokens read by router_input="head"
+    router_layer: int | None = None  # the layer whose input the router reads; None: layers[0]
     router_hidden: int | None = None  # None: d // 2, the paper's router
     gating: str = "soft"
     threshold: float = 0.5
     top_k: int = 1
     sparsity_weight: float = 0.0
+    balance_weight: float = 0.0  # weight of the information-maximising balance term
     routing_loss_weight: float = 1.0  # weight of the supervised routing loss (skill labels)
     dropout: float = 0.0  # dropout on the low-rank edit coordinates during training
     format_version: int = FORMAT_VERSION
@@ -92,10 +97,16 @@ class CSReftConfig:
             raise bad("layers", "indices must be >= 0")
         if num_layers is not None and self.layers[-1] >= num_layers:
             raise bad("layers", f"the base model has {num_layers} layers (indices 0..{num_layers - 1})")
-        for name in ("rank", "num_subspaces", "top_k"):
+        for name, low in (("rank", 1), ("num_subspaces", 1), ("top_k", 1), ("router_head", 1),
+                          ("shared_subspaces", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise bad(name, "an integer >= 1")
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise bad(name, f"an integer >= {low}")
+        if self.router_layer is not None:
+            if not isinstance(self.router_layer, int) or isinstance(self.router_layer, bool) or self.router_layer < 0:
+                raise bad("router_layer", "None (the first edited layer) or a layer index >= 0")
+            if num_layers is not None and self.router_layer >= num_layers:
+                raise bad("router_layer", f"the base model has {num_layers} layers (indices 0..{num_layers - 1})")
         parse_positions(self.positions)
         self.positions = self.positions.strip().lower()
         for name, allowed in (
@@ -111,20 +122,24 @@ class CSReftConfig:
             raise bad("router_hidden", "None (hidden_size // 2) or an integer >= 1")
         if self.gating == "topk" and self.top_k > self.num_subspaces:
             raise bad("top_k", f"at most num_subspaces={self.num_subspaces}")
+        for name in ("threshold", "dropout", "sparsity_weight", "routing_loss_weight", "balance_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise bad(name, "a finite number")
         if not 0.0 < self.threshold < 1.0:
             raise bad("threshold", "a number strictly between 0 and 1")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "a number in [0, 1)")
-        for name in ("sparsity_weight", "routing_loss_weight"):
+        for name in ("sparsity_weight", "routing_loss_weight", "balance_weight"):
             if getattr(self, name) < 0:
                 raise bad(name, "a number >= 0")
         if self.format_version != FORMAT_VERSION:
             raise bad("format_version", f"this csreft reads format {FORMAT_VERSION}")
-        if hidden_size is not None and self.rank * self.num_subspaces > hidden_size:
+        n = self.num_subspaces + self.shared_subspaces
+        if hidden_size is not None and self.rank * n > hidden_size:
             raise ValueError(
-                f"rank * num_subspaces = {self.rank} * {self.num_subspaces} = "
-                f"{self.rank * self.num_subspaces} is not valid: it must be at most the hidden "
-                f"size d = {hidden_size}"
+                f"rank * (num_subspaces + shared_subspaces) = {self.rank} * {n} = {self.rank * n} "
+                f"is not valid: it must be at most the hidden size d = {hidden_size}"
             )
 
     # -- derived ----------------------------------------------------------------------------
@@ -140,6 +155,15 @@ class CSReftConfig:
             return [[("all", 0)]]
         segments = [(kind, n) for kind, n in zip("fl", p) if n > 0]
         return [segments] if self.share_positions else [[s] for s in segments]
+
+    @property
+    def total_subspaces(self) -> int:
+        """Routed plus shared (always-on) subspaces: the edits' k."""
+        return self.num_subspaces + self.shared_subspaces
+
+    def router_reads(self) -> int:
+        """The layer whose input the router reads."""
+        return self.layers[0] if self.router_layer is None else self.router_layer
 
     def router_width(self, hidden_size: int) -> int:
         return self.router_hidden if self.router_hidden is not None else hidden_size // 2

@@ -258,7 +258,8 @@ def skill_names(records: list[dict]) -> list[str]:
 
 
 class Collator:
-    """Right-pads examples for training; adds skill_labels (B,) when `with_skills`, and
+    """Right-pads examples for training; adds skill_labels (B,) when `with_skills` (the
+    supervised routing loss), else skill_ids (B,) (logged routing statistics only), and
     answer_mask (B, L) when every example marks its answer tokens."""
 
     def __init__(self, pad_id: int, with_skills: bool = False):
@@ -271,4 +272,6 @@ class Collator:
             batch["answer_mask"] = torch.tensor([e["answer_mask"] + [0] * (width - len(e["answer_mask"])) for e in examples])
         if self.with_skills:
             batch["skill_labels"] = torch.tensor([e["skill_label"] for e in examples])
+        elif all("skill_label" in e for e in examples):  # for the routing statistics only
+            batch["skill_ids"] = torch.tensor([e["skill_label"] for e in examples])
         return batch

@@ -3,8 +3,11 @@
 Per forward pass:
   1. positions: for each example b the prompt is tokens [start_b, end_b) of the padded row
      (left or right padding); each position group takes its first/last positions there;
-  2. a pre-hook on the first edited layer reads that layer's input hidden states, summarises
-     the prompt (mean / first / last token) and runs the router once: gates (B, k);
+  2. a pre-hook on the router's layer (default: the first edited one) reads that layer's input
+     hidden states, summarises the prompt (see Router.summarise) and runs the router once:
+     gates (B, k); always-on shared subspaces get gate 1. A router that reads a layer above
+     the first edited one needs the unedited hidden states there: a first pass (no gradient
+     through the base) runs the base up to that layer and stops;
   3. a forward hook on every edited layer gathers the hidden states at the group's positions
      (B, P, d), adds the gated edits, and scatters them back; other positions are untouched.
 During generate(), edits apply to the prompt in the prefill pass only; decoding steps find no
@@ -31,7 +34,7 @@ from transformers.utils import ModelOutput
 from .base_models import find_decoder_layers, model_identity
 from .config import CSReftConfig
 from .edits import SubspaceEdits
-from .router import Router, routing_loss, sparsity_loss
+from .router import Router, balance_loss, routing_loss, sparsity_loss
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -46,6 +49,7 @@ class CSReftOutput(ModelOutput):
     task_loss: torch.Tensor | None = None
     sparsity_loss: torch.Tensor | None = None
     routing_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
     token_losses: torch.Tensor | None = None  # (N,) per labelled token, full_logits=False only
 
 
@@ -78,14 +82,19 @@ class _Context:
     def __init__(self, groups, starts, ends, seq_len, once=False, route_only=False):
         self.groups, self.starts, self.ends, self.seq_len = groups, starts, ends, seq_len
         self.once, self.route_only = once, route_only
-        self.gates = self.probs = None
+        self.gates = self.probs = self.router_hidden = None
+        self.keep_hidden = False
         self._on_device = {}
 
-    def on(self, device):
-        """(groups, gates) on `device`; copied at most once per device (device_map models)."""
+    def on(self, device, shared: int = 0):
+        """(groups, edit gates) on `device`, the edit gates being the k routed gates then
+        `shared` ones; copied at most once per device (device_map models)."""
         if device not in self._on_device:
             groups = [(i.to(device, non_blocking=True), v.to(device, non_blocking=True)) for i, v in self.groups]
-            self._on_device[device] = (groups, self.gates.to(device, non_blocking=True))
+            gates = self.gates.to(device, non_blocking=True)
+            if shared:
+                gates = torch.cat([gates, gates.new_ones(gates.shape[0], shared)], -1)
+            self._on_device[device] = (groups, gates)
         return self._on_device[device]
 
 
@@ -124,22 +133,26 @@ class CSReftModel(nn.Module):
         for layer in config.layers:
             groups = nn.ModuleList(
                 SubspaceEdits(
-                    d, config.rank, config.num_subspaces, config.intervention,
+                    d, config.rank, config.total_subspaces, config.intervention,
                     config.orthogonal_subspaces, config.dropout,
                 )
                 for _ in config.position_groups
             )
             self.edits[str(layer)] = groups.to(device_of(layers[layer]))
         self.router = None
+        router_layer = config.router_reads()
         if config.use_router:
             self.router = Router(
                 d, config.router_width(d), config.num_subspaces, config.gating,
-                config.threshold, config.top_k,
-            ).to(device_of(layers[config.layers[0]]))
+                config.threshold, config.top_k, config.router_input, config.router_head,
+            ).to(device_of(layers[router_layer]))
+        # a router above the first edited layer reads it in a first, unedited pass
+        self._route_first = config.use_router and router_layer > config.layers[0]
         self._ctx: _Context | None = None
         self._recompute_ctx: _Context | None = None
         self._hooks = [
-            layers[config.layers[0]].register_forward_pre_hook(self._route_hook, with_kwargs=True),
+            layers[router_layer if config.use_router else config.layers[0]].register_forward_pre_hook(
+                self._route_hook, with_kwargs=True),
             base_model.register_forward_hook(self._end_of_forward_hook),
         ]
         for layer in config.layers:
@@ -161,32 +174,41 @@ class CSReftModel(nn.Module):
         ctx = self._current(hidden)
         if ctx is None or ctx.gates is not None:
             return None
-        b = torch.arange(hidden.shape[0], device=hidden.device)
-        starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
         if self.router is None:
             ctx.gates = ctx.probs = hidden.new_ones(hidden.shape[0], self.csreft_config.num_subspaces)
+        elif ctx.keep_hidden:
+            ctx.router_hidden = hidden  # the first pass of forward(): routed outside, with gradient
         else:
-            mode = self.csreft_config.router_input
-            if mode == "first":
-                summary = hidden[b, starts]
-            elif mode == "last":
-                summary = hidden[b, ends - 1]
-            else:
-                pos = torch.arange(hidden.shape[1], device=hidden.device)
-                mask = (pos >= starts[:, None]) & (pos < ends[:, None])
-                summary = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-            ctx.gates, ctx.probs = self.router(summary)
+            self._run_router(hidden, ctx)
         if ctx.route_only:
             raise _StopForward
         return None
+
+    def _run_router(self, hidden, ctx) -> None:
+        starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
+        ctx.gates, ctx.probs = self.router(self.router.summarise(hidden, starts, ends))
+
+    def _route_before(self, ctx, input_ids, attention_mask) -> None:
+        """Fill ctx.gates from a first pass of the base (no edits, no gradient through the
+        base) that stops at the router's layer; the router itself keeps its gradient."""
+        ctx.route_only, ctx.keep_hidden = True, True
+        try:
+            with torch.no_grad():
+                self.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            ctx.route_only, ctx.keep_hidden = False, False
+        self._run_router(ctx.router_hidden, ctx)
+        ctx.router_hidden = None
 
     def _make_edit_hook(self, group_edits: nn.ModuleList):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
             ctx = self._current(hidden)
-            if ctx is None:
+            if ctx is None or ctx.gates is None:  # not edited, or the routing pass below the router
                 return None
-            groups, gates = ctx.on(hidden.device)
+            groups, gates = ctx.on(hidden.device, self.csreft_config.shared_subspaces)
             for edit, (idx, valid) in zip(group_edits, groups):
                 index = idx[..., None].expand(-1, -1, hidden.shape[-1])
                 # gates (B, P, k): the sequence's gates at valid positions, 0 at padding ones
@@ -270,6 +292,8 @@ class CSReftModel(nn.Module):
         padding = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
         self._ctx = self._context(input_ids, padding, prompt_starts, prompt_lengths, labels)
         try:
+            if self._route_first:
+                self._route_before(self._ctx, input_ids, attention_mask)
             with parametrize.cached():  # each orthonormal basis is computed once per pass
                 logits, token_losses = self._logits(input_ids, attention_mask, labels, full_logits, logits_at, kwargs)
         finally:
@@ -289,7 +313,8 @@ class CSReftModel(nn.Module):
             if self.router is not None:
                 cfg = self.csreft_config
                 out.sparsity_loss = sparsity_loss(ctx.probs)
-                out.loss = out.loss + cfg.sparsity_weight * out.sparsity_loss
+                out.balance_loss = balance_loss(ctx.probs)
+                out.loss = out.loss + cfg.sparsity_weight * out.sparsity_loss + cfg.balance_weight * out.balance_loss
                 if skill_labels is not None:
                     labels_on = torch.as_tensor(skill_labels, device=ctx.probs.device)
                     out.routing_loss = routing_loss(ctx.probs, labels_on)
@@ -330,6 +355,8 @@ class CSReftModel(nn.Module):
         """
         self._ctx = self._context(input_ids, attention_mask, prompt_starts, None, None, once=True)
         try:
+            if self._route_first:
+                self._route_before(self._ctx, input_ids, attention_mask)
             with parametrize.cached():
                 return self.base_model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs

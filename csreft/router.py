@@ -1,6 +1,8 @@
-"""Router: maps one summary vector per sequence to k gates in [0, 1], and its losses."""
+"""Router: reads the prompt's hidden states, gives k gates per sequence, and its losses."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +22,25 @@ class _StraightThroughThreshold(torch.autograd.Function):
 
 
 class Router(nn.Module):
-    """MLP d -> hidden (ReLU) -> k with sigmoid outputs, on the layer-normalised input.
+    """Prompt summary -> MLP d -> hidden (ReLU) -> k with sigmoid outputs.
 
-    The input is normalised without parameters, so the router behaves the same whatever the
-    scale of the hidden states it reads (it differs by orders of magnitude across models and
-    layers).
+    summarise(hidden (B, L, d), starts, ends) reads the prompt span [start, end) of each row:
+      mean       mean of the span's hidden states
+      first/last the span's first / last token
+      head       mean of the span's first `head` tokens (where prompts state their request)
+      attention  learned attention pooling over the span (one query vector; it starts at zero,
+                 i.e. as `mean`, and learns which tokens to read)
+    The summary is layer-normalised without parameters, so the router behaves the same whatever
+    the scale of the hidden states it reads.
 
     forward(x: (B, d)) -> (gates (B, k), probs (B, k)). `probs` are the sigmoid outputs;
     `gates` are what the edits use:
-      soft: gates = probs
-      hard: gates = 1[probs >= threshold] forward, d gates / d probs = 1 backward
-            (straight-through), so the router still learns
-      topk: probs of the top_k subspaces, 0 elsewhere
+      soft:   gates = probs
+      hard:   gates = 1[probs >= threshold] forward, d gates / d probs = 1 backward
+              (straight-through), so the router still learns
+      topk:   probs of the top_k subspaces, 0 elsewhere
+      anneal: (1 - a) * probs + a * hard, a = `progress` in [0, 1] (set by the trainer from 0
+              at the first step to 1 at the last; 1, i.e. hard, outside training)
     Default nn.Linear initialisation: gates start near 0.5 and already depend on the input.
     """
 
@@ -43,20 +52,47 @@ class Router(nn.Module):
         gating: str = "soft",
         threshold: float = 0.5,
         top_k: int = 1,
+        router_input: str = "mean",
+        head: int = 8,
     ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, router_hidden), nn.ReLU(), nn.Linear(router_hidden, num_subspaces)
         )
         self.gating, self.threshold, self.top_k = gating, threshold, top_k
+        self.router_input, self.head = router_input, head
+        if router_input == "attention":
+            self.query = nn.Parameter(torch.zeros(hidden_size))
+        self.register_buffer("progress", torch.ones(()), persistent=False)
+
+    def summarise(self, hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """One vector per row from the prompt span [starts, ends) of hidden (B, L, d)."""
+        b = torch.arange(hidden.shape[0], device=hidden.device)
+        if self.router_input == "first":
+            return hidden[b, starts]
+        if self.router_input == "last":
+            return hidden[b, ends - 1]
+        pos = torch.arange(hidden.shape[1], device=hidden.device)
+        if self.router_input == "head":
+            ends = torch.minimum(ends, starts + self.head)
+        span = (pos >= starts[:, None]) & (pos < ends[:, None])  # (B, L)
+        if self.router_input == "attention":
+            h = hidden.to(self.query.dtype)
+            scores = F.layer_norm(h, h.shape[-1:]) @ self.query / math.sqrt(h.shape[-1])
+            weights = scores.masked_fill(~span, float("-inf")).softmax(-1)
+            return (weights[..., None] * h).sum(1)
+        return (hidden * span[..., None]).sum(1) / span.sum(1, keepdim=True).clamp(min=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.mlp[0].weight.dtype)
         probs = torch.sigmoid(self.mlp(F.layer_norm(x, x.shape[-1:])))
         if self.gating == "soft":
             return probs, probs
-        if self.gating == "hard":
-            return _StraightThroughThreshold.apply(probs, self.threshold), probs
+        if self.gating in ("hard", "anneal"):
+            hard = _StraightThroughThreshold.apply(probs, self.threshold)
+            if self.gating == "hard":
+                return hard, probs
+            return probs + self.progress.to(probs.dtype) * (hard - probs), probs
         keep = torch.zeros_like(probs).scatter(-1, probs.topk(self.top_k, dim=-1).indices, 1.0)
         return probs * keep, probs
 
@@ -64,6 +100,26 @@ class Router(nn.Module):
 def sparsity_loss(probs: torch.Tensor) -> torch.Tensor:
     """Omega: mean L1 norm of the gates per subspace (gates are >= 0). probs: (B, k)."""
     return probs.mean()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp(min=1e-12).log()).sum(-1)
+
+
+def balance_loss(probs: torch.Tensor) -> torch.Tensor:
+    """Information-maximising balance term, in [-1, 1] (lower is better):
+
+        [ mean_b H(p_b) - H(mean_b p_b) ] / log k,    p_b = probs_b / sum(probs_b)
+
+    Low per-example entropy (each input commits to few subspaces) and high entropy of the
+    batch-average assignment (all subspaces in use): the unsupervised clustering objective,
+    a cousin of mixture-of-experts load balancing. Without it the gates collapse to nearly the
+    same vector for every input. probs: (B, k)."""
+    k = probs.shape[-1]
+    if k < 2:
+        return probs.new_zeros(())
+    p = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+    return (_entropy(p).mean() - _entropy(p.mean(0))) / math.log(k)
 
 
 def routing_loss(probs: torch.Tensor, skill_labels: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .config import CSReftConfig
 from .data import Collator, SupervisedDataset, load_records, skill_names
 from .model import CSReftModel, get_csreft_model
+from .routing import routing_nmi
 
 # Options of the training recipe and their defaults (CLI flags use dashes).
 DEFAULTS = {
@@ -108,18 +109,21 @@ class CSReftTrainer(OrderedTrainer):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
         self.tokens_seen = 0  # becomes a tensor on the training device (no per-step sync)
+        self._routed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (gates, skills) since the last log
 
     # -- loss and statistics -------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         answer_mask = inputs.pop("answer_mask", None)
+        skills = inputs.pop("skill_ids", inputs.get("skill_labels"))
         out = model(**inputs, full_logits=False)
         if model.training:
-            self._accumulate(out, inputs, answer_mask)
+            self._accumulate(out, inputs, answer_mask, skills)
         return (out.loss, out) if return_outputs else out.loss
 
-    def _accumulate(self, out, inputs, answer_mask=None) -> None:
-        parts = {"task_loss": out.task_loss, "sparsity_loss": out.sparsity_loss, "routing_loss": out.routing_loss}
+    def _accumulate(self, out, inputs, answer_mask=None, skills=None) -> None:
+        parts = {"task_loss": out.task_loss, "sparsity_loss": out.sparsity_loss, "routing_loss": out.routing_loss,
+                 "balance_loss": out.balance_loss}
         if answer_mask is not None:  # loss on the answer tokens alone (format tokens are learnt fast)
             parts["answer_loss"] = answer_loss(out.token_losses, inputs["labels"], answer_mask)
         core = self.accelerator.unwrap_model(self.model)
@@ -129,10 +133,36 @@ class CSReftTrainer(OrderedTrainer):
             parts["gate_entropy"] = -(mass * mass.clamp(min=1e-12).log()).sum(-1).mean()
             parts["gate_active_frac"] = (out.probs.detach() >= core.csreft_config.threshold).float().mean()
             parts["gate_mean"] = gates.mean(0)
+            if skills is not None:
+                self._routed.append((gates.cpu(), skills.detach().cpu()))
         self.add_stats(parts)
         self.tokens_seen = self.tokens_seen + inputs["attention_mask"].sum()
 
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Adds routing_nmi / routing_soft_nmi: how much this window's gates say about the skill."""
+        if self._routed and "loss" in logs:
+            gates = torch.cat([g for g, _ in self._routed])
+            skills = torch.cat([s for _, s in self._routed]).tolist()
+            scores = routing_nmi(gates, skills)
+            logs["routing_nmi"], logs["routing_soft_nmi"] = round(scores["nmi"], 4), round(scores["soft_nmi"], 4)
+            self._routed = []
+        super().log(logs, start_time)
+
+    def _set_progress(self, value: float) -> None:
+        router = self.accelerator.unwrap_model(self.model).router
+        if router is not None:
+            router.progress.fill_(min(max(value, 0.0), 1.0))
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._set_progress(1.0)  # annealed gates are hard after training
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        # annealed gating: a rises from 0 (first step) to 1 (last step); a function of the
+        # step alone, so a resumed run anneals exactly like an uninterrupted one
+        self._set_progress(self.state.global_step / max(self.state.max_steps - 1, 1))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None

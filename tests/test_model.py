@@ -135,7 +135,7 @@ def test_gates_depend_on_input_with_mean_but_not_with_shared_first_token():
     ids[:, 0] = 7  # the same first token (BOS / template) in both prompts
     gates = model.route(ids)
     assert (gates[0] - gates[1]).abs().max() > 1e-4
-    model.csreft_config.router_input = "first"
+    model.router.router_input = "first"  # the mode is the router's own
     gates = model.route(ids)
     torch.testing.assert_close(gates[0], gates[1])  # the paper's first-token choice sees no input
     # counting from the user's content (prompt_starts) fixes it
@@ -254,7 +254,7 @@ def test_load_rejects_missing_or_corrupt_files(tmp_path, tiny_csreft):
     "kwargs,message",
     [
         ({"layers": [1, 9]}, "layers=.*4 layers"),
-        ({"rank": 20, "num_subspaces": 4}, "rank \\* num_subspaces.*64"),
+        ({"rank": 20, "num_subspaces": 4}, "rank \\* \\(num_subspaces \\+ shared_subspaces\\).*64"),
         ({"num_subspaces": 0}, "num_subspaces=0"),
         ({"positions": "x7"}, "positions='x7'"),
         ({"positions": "f0"}, "positions"),
