@@ -180,7 +180,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 DEMO_DEFAULTS = dict(suite="builtin", methods=("base", "loreft", "csreft"), seeds=1, max_steps=None,
                      max_minutes=10.0, train_per_skill=60, test_per_skill=20, composed=30,
-                     output_dir="runs/demo")
+                     val_per_skill=10, output_dir="runs/demo")
+_LISTS = ("methods", "layers", "lr_grid_reft", "lr_grid_lora")
 
 
 def add_compare_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
@@ -191,30 +192,37 @@ def add_compare_options(parser: argparse.ArgumentParser, defaults: dict) -> None
     for f in dataclasses.fields(CompareOptions):
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("methods", "layers"):
-            group.add_argument(flag, default=",".join(map(str, default)), help=f"comma-separated (default: {','.join(map(str, default))})")
+        if f.name in _LISTS:
+            extra = " (variants: csreft[key=value,...] with CSReftConfig fields and lr)" if f.name == "methods" else ""
+            group.add_argument(flag, default=",".join(map(str, default)),
+                               help=f"comma-separated (default: {','.join(map(str, default))}){extra}")
+        elif f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             group.add_argument(flag, type=kind, default=default, help=f"default: {default}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import METHODS, CompareOptions, compare
+    from .compare import CompareOptions, compare, parse_methods
     from .suites import SuiteUnavailable
 
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareOptions)}
-    opts["methods"] = METHODS if opts["methods"] == "all" else tuple(m.strip() for m in opts["methods"].split(","))
-    unknown = sorted(set(opts["methods"]) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"csreft: --methods: unknown {unknown}; allowed: {', '.join(METHODS)} or all")
-    opts["layers"] = [int(x) for x in str(opts["layers"]).replace(";", ",").split(",") if x.strip()]
     try:
-        compare(CompareOptions(**opts))
-    except SuiteUnavailable as err:
+        parse_methods(opts["methods"])
+        opts["layers"] = [int(x) for x in str(opts["layers"]).replace(";", ",").split(",") if x.strip()]
+        for name in ("lr_grid_reft", "lr_grid_lora"):
+            opts[name] = tuple(float(x) for x in str(opts[name]).split(",") if x.strip())
+            if not opts[name] or min(opts[name]) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')}: give learning rates > 0, comma-separated")
+        report = compare(CompareOptions(**opts))
+    except (SuiteUnavailable, ValueError) as err:
         raise SystemExit(f"csreft: {err}")
-    report = Path(opts["output_dir"]) / "report.md"
-    print(report.read_text())
-    print(f"report: {report} (and report.json, gate heatmaps) in {opts['output_dir']}")
+    from .report import summary_lines
+
+    path = Path(opts["output_dir"]) / "report.md"
+    print("\n".join(summary_lines(report)))
+    print(f"\nfull report: {path} (report.json, gate heatmaps and per-run results in {opts['output_dir']})")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -1,43 +1,61 @@
 """Comparison runner: does CS-ReFT reduce interference between skills?
 
-On one suite, with the same data order, seed and step budget, it trains and scores:
+On one suite, with the same data order, seed and step budget, it trains and scores methods:
   base         the frozen model, no training;
-  loreft       one LoReFT edit (k = 1, no router) of rank k*r: the same edit parameters;
+  loreft       one LoReFT edit (k = 1, no router) of rank (k + shared) * r: the same edit
+               parameters as CS-ReFT;
   specialists  one LoReFT per skill, trained on exactly the examples of that skill that the
                joint runs saw, in the same order: the no-interference reference. At the
                joint batch size a specialist takes about 1/k of the joint run's optimizer
                steps; specialist_batch_size ~ batch_size / k gives it about as many steps;
   csreft       k subspaces with a learned (unsupervised) router;
   csreft_supervised  the same, with the skill-supervised routing loss;
-  lora         PEFT LoRA on q_proj and v_proj at about the same trainable-parameter count.
-Interference of a joint method on a skill = specialist accuracy - joint accuracy. Paired tests
-(McNemar, paired bootstrap) compare methods on the same test examples, pooled over seeds.
-Writes report.json, report.md and one gate heatmap (skill x subspace) per CS-ReFT run.
+  lora         PEFT LoRA on q_proj and v_proj at CS-ReFT's total trainable-parameter count;
+  lora_edits   the same at CS-ReFT's edit parameters only (without the router).
+Variants of the CS-ReFT methods are named in the method list with CSReftConfig fields, e.g.
+`csreft[gating=hard,sparsity_weight=0.01]`; every method also takes `lr=`. Each variant is a
+method of its own: its own learning rate, row, gate heatmap and paired tests.
+
+Learning rates: unless fixed (`lr`), each method's is chosen from a per-family grid by
+validation accuracy after `select_steps` steps (seed 0) on a validation split carved from the
+training pool; the final runs train on the rest of the pool. The test split is read only by
+the final runs. Interference of a joint method on a skill = specialist accuracy - joint
+accuracy. Paired tests (McNemar, paired bootstrap) compare methods on the same test examples,
+pooled over seeds. A run whose result.json was written with the same settings is reused, so
+methods can be added to an existing comparison. Writes report.json, report.md and one gate
+heatmap (skill x subspace) per CS-ReFT run; see report.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import CSReftConfig
 from .data import Collator, SupervisedDataset, encode_example, pad_batch, template_parts
-from .evaluation import evaluate_suite, mcnemar, paired_bootstrap
+from .evaluation import evaluate_suite
 from .model import get_csreft_model
+from .report import _slug, plot_gates, write_report
+from .routing import routing_nmi
 from .train import DEFAULTS, CSReftTrainer, JsonlLogger, OrderedTrainer, answer_loss, training_arguments
 
-METHODS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora")
-JOINT = ("loreft", "csreft", "csreft_supervised", "lora")
-PAIRS = (("csreft", "loreft"), ("csreft_supervised", "loreft"), ("csreft_supervised", "csreft"),
-         ("csreft", "specialists"), ("loreft", "specialists"), ("csreft", "lora"), ("csreft", "base"))
+KINDS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora", "lora_edits")
+METHODS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora", "lora_edits")
+ROUTED = ("csreft", "csreft_supervised")
+# learning-rate grids, by family: ReFT edits take larger steps than LoRA's weight deltas
+LR_GRID_REFT = (1e-3, 3e-3, 9e-3)
+LR_GRID_LORA = (3e-4, 1e-3, 3e-3)
 
 
 @dataclass
@@ -49,13 +67,18 @@ class CompareOptions:
     max_minutes: float | None = None
     batch_size: int = 8
     specialist_batch_size: int | None = None  # None: batch_size (same examples, 1/k of the steps)
-    lr: float = 4e-3
+    lr: float | None = None  # None: chosen per method on the validation split
+    lr_grid_reft: tuple = LR_GRID_REFT
+    lr_grid_lora: tuple = LR_GRID_LORA
+    select_steps: int | None = None  # steps of each selection run; None: max_steps // 2
+    val_per_skill: int = 20  # validation records per skill, carved from the training pool
+    eval_split: str = "test"  # "validation": score the final runs on validation (model selection)
     rank: int = 4
     num_subspaces: int | None = None  # None: one per skill
     layers: list = field(default_factory=lambda: [3, 9, 18, 24])
     positions: str = "f7+l7"
-    router_hidden: int | None = None  # None: d/2 as in the paper
-    sparsity_weight: float = 0.0
+    router_hidden: int | None = None  # None: CSReftConfig's default
+    sparsity_weight: float | None = None  # None: CSReftConfig's default
     max_length: int = 256
     train_per_skill: int | None = 100
     test_per_skill: int | None = 50
@@ -63,6 +86,86 @@ class CompareOptions:
     eval_batch_size: int = 16
     model: str | None = None
     output_dir: str = "runs/compare"
+    quiet: bool = False  # no stage lines
+
+
+@dataclass
+class Method:
+    """One row of the comparison: a kind of method and its option overrides."""
+
+    label: str
+    kind: str
+    overrides: dict = field(default_factory=dict)  # CSReftConfig fields, and lr
+
+    @property
+    def lr(self):
+        return self.overrides.get("lr")
+
+    @property
+    def config_overrides(self) -> dict:
+        return {k: v for k, v in self.overrides.items() if k != "lr"}
+
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(CSReftConfig)} - {"format_version", "layers", "positions"}
+
+
+def parse_methods(spec) -> list[Method]:
+    """"base,loreft,csreft[gating=hard,sparsity_weight=0.01]" or "all" -> Methods (in order).
+
+    Raises ValueError naming the method, the key or the value that is not allowed."""
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(spec)
+    spec = spec.replace(" ", "")
+    items = re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", spec)
+    if ",".join(items) != spec or not items:
+        raise ValueError(f"--methods {spec!r}: expected names such as csreft or csreft[key=value,...], "
+                         "separated by commas")
+    methods = []
+    for item in items:
+        if item == "all":
+            methods += [Method(m, m) for m in METHODS]
+            continue
+        kind, _, body = item.partition("[")
+        if kind not in KINDS:
+            raise ValueError(f"--methods: unknown method {kind!r}; allowed: {', '.join(KINDS)} or all")
+        overrides = {}
+        for pair in filter(None, body.rstrip("]").split(",")):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise ValueError(f"--methods {item}: {pair!r} is not key=value")
+            allowed = {"lr"} | (_CONFIG_FIELDS if kind in ROUTED else set())
+            if key not in allowed:
+                raise ValueError(f"--methods {item}: {key!r} cannot be set for {kind}; allowed: "
+                                 f"{', '.join(sorted(allowed))}")
+            overrides[key] = scalar(value)
+        if "lr" in overrides and not (isinstance(overrides["lr"], (int, float)) and overrides["lr"] > 0):
+            raise ValueError(f"--methods {item}: lr={overrides['lr']!r} must be a number > 0")
+        if kind in ROUTED:
+            try:
+                CSReftConfig(**overrides_for_config(overrides))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"--methods {item}: {err}") from None
+        label = kind + (f"[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else "")
+        methods.append(Method(label, kind, overrides))
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--methods: {sorted({x for x in labels if labels.count(x) > 1})} given twice")
+    return methods
+
+
+def scalar(text: str):
+    """A flag-style value: int, float (1e-3 too), true/false, none/null, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    low = text.lower()
+    return {"true": True, "false": False, "none": None, "null": None}.get(low, text)
+
+
+def overrides_for_config(overrides: dict) -> dict:
+    return {k: v for k, v in overrides.items() if k != "lr"}
 
 
 def training_stream(records: list[dict], n: int, seed: int) -> list[dict]:
@@ -75,20 +178,60 @@ def training_stream(records: list[dict], n: int, seed: int) -> list[dict]:
     return out[:n]
 
 
-def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: Path,
+def split_validation(suite, per_skill: int) -> tuple[list[dict], list[dict]]:
+    """(pool, validation): `per_skill` records of each skill, by a seeded shuffle, go to
+    validation; the rest of the training records stay in the pool. The test split is untouched."""
+    pool, val = [], []
+    for skill in suite.skills:
+        recs = [r for r in suite.train if r["skill"] == skill]
+        order = list(range(len(recs)))
+        random.Random(f"validation:{skill}").shuffle(order)
+        n = min(per_skill, len(recs) // 2)
+        chosen = set(order[:n])
+        val += [recs[i] for i in sorted(chosen)]
+        pool += [r for i, r in enumerate(recs) if i not in chosen]
+    return pool, val
+
+
+class Stages:
+    """One line per stage (what runs, how long, ETA), from the measured seconds per step."""
+
+    def __init__(self, total_steps: int, quiet: bool):
+        self.total, self.done, self.quiet = total_steps, 0, quiet
+        self.step_s: float | None = None
+
+    def say(self, text: str, steps: int = 0) -> None:
+        if self.quiet:
+            return
+        eta = ""
+        if self.step_s:
+            eta = f"; about {steps * self.step_s / 60:.1f} min, all runs {(self.total - self.done) * self.step_s / 60:.0f} min left"
+        print(f"[csreft] {text}{eta}", flush=True)
+
+    def ran(self, steps: int, seconds: float) -> None:
+        self.done += steps
+        if steps:
+            per = seconds / steps
+            self.step_s = per if self.step_s is None else 0.5 * (self.step_s + per)
+
+
+def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: Path, lr: float,
            skills=None, supervised=False, lora=False, batch_size: int | None = None) -> float:
     """Train on `records` in their order, one pass; returns wall seconds."""
     data = SupervisedDataset(records, tokenizer, opts.max_length, skills)
     batch_size = batch_size or opts.batch_size
     steps = math.ceil(len(data) / batch_size)
     args = training_arguments({**DEFAULTS, "output_dir": str(out_dir), "batch_size": batch_size,
-                               "lr": opts.lr, "seed": seed, "max_steps": steps, "logging_steps": min(10, steps)})
+                               "lr": lr, "seed": seed, "max_steps": steps, "logging_steps": min(10, steps)})
     common = dict(model=model, args=args, train_dataset=data, shuffle=False,
                   callbacks=[JsonlLogger(out_dir / "log.jsonl")])
     if lora:
         trainer = _LoraTrainer(data_collator=_LoraCollator(tokenizer.pad_token_id), **common)
     else:
         trainer = CSReftTrainer(data_collator=Collator(tokenizer.pad_token_id, with_skills=supervised), **common)
+    if not opts.quiet:  # the stage lines say what runs; no raw log dictionaries
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     started = time.time()
     trainer.train()
     model.eval()
@@ -123,47 +266,34 @@ def lora_rank_for(base, target_parameters: int, modules=("q_proj", "v_proj")) ->
     return max(1, round(target_parameters / per_rank))
 
 
-def mean_gates(model, tokenizer, suite, records, batch_size: int) -> list[list[float]]:
-    """Mean gate per (skill x subspace) over `records` (rows in suite.skills order)."""
+def route_records(model, tokenizer, records, batch_size: int) -> torch.Tensor:
+    """Gates (N, k) of `records` (their prompts), in record order."""
     parts = template_parts(tokenizer)
     gates = []
+    device = next(model.parameters()).device
     for i in range(0, len(records), batch_size):
         enc = [encode_example(tokenizer, r["prompt"], parts=parts) for r in records[i:i + batch_size]]
         b = pad_batch(enc, tokenizer.pad_token_id, side="left")
-        device = next(model.parameters()).device
         gates.append(model.route(b["input_ids"].to(device), b["attention_mask"].to(device), b["prompt_starts"]).float().cpu())
-    gates = torch.cat(gates)
+    return torch.cat(gates)
+
+
+def mean_gates(model, tokenizer, suite, records, batch_size: int) -> list[list[float]]:
+    """Mean gate per (skill x subspace) over `records` (rows in suite.skills order)."""
+    return gate_table(route_records(model, tokenizer, records, batch_size), records, suite.skills)
+
+
+def gate_table(gates: torch.Tensor, records, skills) -> list[list[float]]:
     rows = []
-    for skill in suite.skills:
+    for skill in skills:
         idx = [j for j, r in enumerate(records) if r["skill"] == skill]
         rows.append(gates[idx].mean(0).tolist() if idx else [float("nan")] * gates.shape[1])
     return rows
 
 
-def plot_gates(matrix, skills, path: Path, title: str) -> None:
-    import matplotlib
-    import numpy as np
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(matrix[0]), 1.0 + 0.45 * len(skills)))
-    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(matrix[0])), [f"s{i}" for i in range(len(matrix[0]))])
-    ax.set_yticks(range(len(skills)), skills)
-    for (i, j), v in np.ndenumerate(np.array(matrix)):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("subspace")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _evaluate(model, tokenizer, suite, opts) -> dict:
-    res = evaluate_suite(model, tokenizer, suite, "test", batch_size=opts.eval_batch_size)
-    if suite.composed:
+def _evaluate(model, tokenizer, suite, opts, records) -> dict:
+    res = evaluate_suite(model, tokenizer, suite, "test", records=records, batch_size=opts.eval_batch_size)
+    if suite.composed and opts.eval_split == "test":
         comp = evaluate_suite(model, tokenizer, suite, "composed", batch_size=opts.eval_batch_size)
         res["composed_accuracy"], res["composed_correct"] = comp["micro_accuracy"], comp["correct"]
         res["seconds"] += comp["seconds"]
@@ -188,6 +318,68 @@ def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_tr
     return max(5, int(budget_s / max(n_train_runs, 1) / per_step))
 
 
+class _Runner:
+    """Trains and scores one method at one learning rate and seed; reuses identical runs."""
+
+    def __init__(self, base, tokenizer, suite, opts, configs, stages):
+        self.base, self.tokenizer, self.suite, self.opts = base, tokenizer, suite, opts
+        self.configs, self.stages, self.params = configs, stages, {}
+
+    def config(self, method: Method) -> CSReftConfig:
+        return self.configs["loreft" if method.kind in ("loreft", "specialists") else method.label]
+
+    def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict) -> dict:
+        saved = run_dir / "result.json"
+        if saved.is_file():
+            old = json.loads(saved.read_text())
+            if old.get("key") == key:
+                self.params[method.label] = old.get("parameters", 0)
+                return old
+        set_seed(seed)
+        base, tokenizer, suite, opts = self.base, self.tokenizer, self.suite, self.opts
+        if method.kind == "base":
+            res = {**_evaluate(base, tokenizer, suite, opts, eval_records), "train_seconds": 0.0, "parameters": 0}
+        elif method.kind == "specialists":
+            res = _specialists(base, tokenizer, suite, self.config(method), stream, eval_records, opts, seed, run_dir, lr)
+        elif method.kind in ("lora", "lora_edits"):
+            from peft import LoraConfig, get_peft_model
+
+            target = self.lora_target(method.kind)
+            rank = lora_rank_for(base, target)
+            model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            train_s = _train(model, tokenizer, stream, opts, seed, run_dir, lr, lora=True)
+            res = {**_evaluate(model, tokenizer, suite, opts, eval_records), "train_seconds": train_s,
+                   "lora_rank": rank, "parameters": n}
+            self.base = model.unload()
+        else:
+            model = get_csreft_model(base, self.config(method))
+            counts = model.trainable_parameters()
+            supervised = method.kind == "csreft_supervised"
+            train_s = _train(model, tokenizer, stream, opts, seed, run_dir, lr, suite.skills, supervised)
+            res = {**_evaluate(model, tokenizer, suite, opts, eval_records), "train_seconds": train_s,
+                   "parameters": counts["total"], "edit_parameters": counts["edits"]}
+            if model.router is not None:
+                gates = route_records(model, tokenizer, eval_records, opts.eval_batch_size)
+                res["gates"] = gate_table(gates, eval_records, suite.skills)
+                res["routing"] = routing_nmi(gates, [r["skill"] for r in eval_records])
+            model.remove_hooks()
+        self.base.eval()
+        res["key"], res["lr"] = key, lr
+        run_dir.mkdir(parents=True, exist_ok=True)  # per-example results, for tests of one's own
+        saved.write_text(json.dumps(res))
+        self.params[method.label] = res.get("parameters", 0)
+        return res
+
+    def lora_target(self, kind: str) -> int:
+        """CS-ReFT's total (lora) or edit (lora_edits) parameter count, default configuration."""
+        model = get_csreft_model(self.base, self.configs["csreft"])
+        counts = model.trainable_parameters()
+        model.remove_hooks()
+        return counts["total"] if kind == "lora" else counts["edits"]
+
+
 def compare(opts: CompareOptions) -> dict:
     """Run the comparison; returns the report (also written to opts.output_dir)."""
     from .base_models import DEFAULT_MODEL, load_base
@@ -196,107 +388,123 @@ def compare(opts: CompareOptions) -> dict:
     started = time.time()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if opts.eval_split not in ("test", "validation"):
+        raise ValueError(f"eval_split={opts.eval_split!r}: expected 'test' or 'validation'")
+    methods = parse_methods(opts.methods)
     suite = get_suite(opts.suite, train_per_skill=opts.train_per_skill, test_per_skill=opts.test_per_skill,
                       **({"composed": opts.composed} if opts.suite == "builtin" else {}))
+    pool, val = split_validation(suite, opts.val_per_skill)
+    eval_records = suite.test if opts.eval_split == "test" else val
     base, tokenizer = load_base(opts.model or DEFAULT_MODEL)
     d = base.config.hidden_size
     k = opts.num_subspaces or len(suite.skills)
-    csreft_cfg = CSReftConfig(layers=list(opts.layers), rank=opts.rank, num_subspaces=k, positions=opts.positions,
-                              router_hidden=opts.router_hidden, sparsity_weight=opts.sparsity_weight)
-    loreft_cfg = CSReftConfig(layers=list(opts.layers), rank=opts.rank * k, num_subspaces=1,
-                              positions=opts.positions, use_router=False)
-    csreft_cfg.validate(hidden_size=d)
-    methods = [m for m in METHODS if m in opts.methods]
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    common = dict(layers=list(opts.layers), rank=opts.rank, positions=opts.positions)
+    default = {"num_subspaces": k, **{f: getattr(opts, f) for f in ("router_hidden", "sparsity_weight")
+                                      if getattr(opts, f) is not None}}
+    configs = {"csreft": CSReftConfig(**common, **default)}
+    for m in methods:
+        if m.kind in ROUTED:
+            configs[m.label] = CSReftConfig(**common, **{**default, **m.config_overrides})
+            configs[m.label].validate(hidden_size=d)
+    shared = configs["csreft"].shared_subspaces
+    configs["loreft"] = CSReftConfig(**{**common, "rank": opts.rank * (k + shared)}, num_subspaces=1, use_router=False)
+    configs["csreft"].validate(hidden_size=d)
 
-    base_result = _evaluate(base, tokenizer, suite, opts) if "base" in methods else None
     max_steps = opts.max_steps
+    trained = [m for m in methods if m.kind != "base"]
     if opts.max_minutes is not None:
-        eval_s = base_result["seconds"] if base_result else 30.0
-        trained = [m for m in methods if m != "base"]
-        n_evals = opts.seeds * len(trained)
-        budget = opts.max_minutes * 60 - (time.time() - started) - n_evals * eval_s * 1.1
-        n_runs = opts.seeds * (len(trained) + (1 if "specialists" in trained else 0))
-        steps = _calibrate_steps(base, tokenizer, suite, csreft_cfg, opts, max(budget, 0) * 0.85, n_runs)
+        base_eval_s = 30.0 * len(eval_records) / 120
+        budget = opts.max_minutes * 60 - (1 + opts.seeds * len(trained)) * base_eval_s * 1.1
+        n_runs = opts.seeds * (len(trained) + sum(m.kind == "specialists" for m in trained))
+        steps = _calibrate_steps(base, tokenizer, suite, configs["csreft"], opts, max(budget, 0) * 0.85, n_runs)
         max_steps = steps if opts.max_steps is None else min(steps, opts.max_steps)
+    select_steps = opts.select_steps or max(1, max_steps // 2)
     n_seen = max_steps * opts.batch_size
 
-    params = {}
+    to_select = [] if opts.lr is not None else [m for m in trained if m.lr is None]
+    if any(m.kind == "specialists" for m in to_select) and not any(m.kind == "loreft" for m in to_select):
+        to_select.insert(0, Method("loreft", "loreft"))  # specialists use LoReFT's learning rate
+    to_select = [m for m in to_select if m.kind != "specialists"]
+    grid = {m.label: (opts.lr_grid_lora if m.kind.startswith("lora") else opts.lr_grid_reft) for m in to_select}
+    total = (sum(len(g) for g in grid.values()) * select_steps
+             + opts.seeds * len(trained) * max_steps + opts.seeds * sum(m.kind == "specialists" for m in trained) * max_steps)
+    stages = Stages(total, opts.quiet)
+    runner = _Runner(base, tokenizer, suite, opts, configs, stages)
+    shared_key = {"suite": opts.suite, "train_per_skill": opts.train_per_skill, "test_per_skill": opts.test_per_skill,
+                  "val_per_skill": opts.val_per_skill, "batch_size": opts.batch_size, "max_length": opts.max_length,
+                  "model": opts.model or DEFAULT_MODEL}
+
+    def key_for(m: Method, lr, seed, steps, split):
+        cfg = None if m.kind == "base" else (configs["csreft"] if m.kind.startswith("lora") else runner.config(m)).to_dict()
+        return {**shared_key, "method": m.label, "config": cfg, "lr": lr, "seed": seed, "steps": steps,
+                "split": split, "specialist_batch_size": opts.specialist_batch_size if m.kind == "specialists" else None}
+
+    # 1. learning rates, on the validation split (seed 0, select_steps steps)
+    selection: dict[str, dict] = {}
+    sel_stream = training_stream(pool, select_steps * opts.batch_size, 0)
+    for m in to_select:
+        scores = {}
+        for lr in grid[m.label]:
+            stages.say(f"selecting lr for {m.label}: lr {lr:g}, {select_steps} steps, scored on "
+                       f"{len(val)} validation records", select_steps)
+            t = time.time()
+            res = runner.run(m, lr, 0, sel_stream, val, out / "selection" / f"{_slug(m.label)}-lr{lr:g}",
+                             key_for(m, lr, 0, select_steps, "validation"))
+            stages.ran(select_steps if time.time() - t > 1 else 0, time.time() - t)
+            scores[lr] = res["accuracy"]
+        best = max(scores.items(), key=lambda kv: (kv[1], -kv[0]))  # ties: the smaller lr
+        selection[m.label] = {"grid": list(grid[m.label]), "validation_accuracy": {str(a): b for a, b in scores.items()},
+                              "lr": best[0], "steps": select_steps}
+        stages.say(f"{m.label}: lr {best[0]:g} (validation accuracy {100 * best[1]:.1f}%)")
+
+    def lr_of(m: Method) -> float:
+        if m.lr is not None:
+            return float(m.lr)
+        if opts.lr is not None:
+            return opts.lr
+        return selection["loreft" if m.kind == "specialists" else m.label]["lr"]
+
+    # 2. final runs: every seed, the selected learning rate, scored on eval_split
+    runs: dict[str, list[dict]] = {m.label: [] for m in methods}
+    report = None
     for seed in range(opts.seeds):
-        stream = training_stream(suite.train, n_seen, seed)
-        for method in methods:
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            set_seed(seed)
-            if method == "base":
-                res = {**base_result, "train_seconds": 0.0}
-                params[method] = 0
-            elif method == "specialists":
-                res = _specialists(base, tokenizer, suite, loreft_cfg, stream, opts, seed, run_dir)
-                params[method] = res.pop("parameters")
-            elif method == "lora":
-                from peft import LoraConfig, get_peft_model
-
-                target = params.get("csreft") or _csreft_parameters(base, csreft_cfg)
-                rank = lora_rank_for(base, target)
-                model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-                params[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                train_s = _train(model, tokenizer, stream, opts, seed, run_dir, lora=True)
-                res = {**_evaluate(model, tokenizer, suite, opts), "train_seconds": train_s, "lora_rank": rank}
-                base = model.unload()
-            else:
-                config = loreft_cfg if method == "loreft" else csreft_cfg
-                model = get_csreft_model(base, config)
-                params[method] = model.trainable_parameters()["total"]
-                supervised = method == "csreft_supervised"
-                train_s = _train(model, tokenizer, stream, opts, seed, run_dir, suite.skills, supervised)
-                res = {**_evaluate(model, tokenizer, suite, opts), "train_seconds": train_s}
-                if method.startswith("csreft"):
-                    res["gates"] = mean_gates(model, tokenizer, suite, suite.test, opts.eval_batch_size)
-                    plot_gates(res["gates"], suite.skills, out / f"gates-{method}-seed{seed}.png",
-                               f"{method}, seed {seed}: mean gate per skill")
-                model.remove_hooks()
-            base.eval()
-            runs[method].append(res)
-            run_dir.mkdir(parents=True, exist_ok=True)  # per-example results, for tests of one's own
-            (run_dir / "result.json").write_text(json.dumps(res))
-            report = write_report(out, suite, runs, params, base, opts, max_steps, time.time() - started,
-                                  {"csreft": csreft_cfg.to_dict(), "loreft": loreft_cfg.to_dict()})
+        stream = training_stream(pool, n_seen, seed)
+        for m in methods:
+            lr = None if m.kind == "base" else lr_of(m)
+            steps = 0 if m.kind == "base" else max_steps
+            what = "scoring the frozen base" if m.kind == "base" else f"training {steps} steps at lr {lr:g}"
+            stages.say(f"{m.label}, seed {seed}: {what}, then scoring {len(eval_records)} {opts.eval_split} records",
+                       steps * (2 if m.kind == "specialists" else 1))
+            t = time.time()
+            res = runner.run(m, lr, seed, stream, eval_records, out / "runs" / f"{_slug(m.label)}-seed{seed}",
+                             key_for(m, lr, seed, max_steps, opts.eval_split))
+            stages.ran(steps if time.time() - t > 1 else 0, time.time() - t)
+            if "gates" in res:
+                plot_gates(res["gates"], suite.skills, out / f"gates-{_slug(m.label)}-seed{seed}.png",
+                           f"{m.label}, seed {seed}: mean gate per skill")
+            runs[m.label].append(res)
+            report = write_report(out, suite, runs, runner.params, base, opts, max_steps, time.time() - started,
+                                  {name: c.to_dict() for name, c in configs.items()},
+                                  {m.label: m.kind for m in methods}, selection)
     return report
 
 
-def write_report(out: Path, suite, runs, *args) -> dict:
-    """Write report.json and report.md from the runs finished so far (after every run, so an
-    interrupted comparison still leaves its results)."""
-    report = build_report(suite, {m: r for m, r in runs.items() if r}, *args)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_markdown(report))
-    return report
-
-
-def _csreft_parameters(base, config) -> int:
-    model = get_csreft_model(base, config)
-    n = model.trainable_parameters()["total"]
-    model.remove_hooks()
-    return n
-
-
-def _specialists(base, tokenizer, suite, config, stream, opts, seed, run_dir) -> dict:
+def _specialists(base, tokenizer, suite, config, stream, eval_records, opts, seed, run_dir, lr) -> dict:
     """One LoReFT per skill on that skill's share of the joint stream; scored on its own skill."""
-    merged = {"correct": [None] * len(suite.test), "train_seconds": 0.0, "seconds": 0.0, "per_skill": {},
+    merged = {"correct": [None] * len(eval_records), "train_seconds": 0.0, "seconds": 0.0, "per_skill": {},
               "parameters": 0, "examples_per_skill": {}}
     for skill in suite.skills:
         records = [r for r in stream if r["skill"] == skill]
-        test_idx = [i for i, r in enumerate(suite.test) if r["skill"] == skill]
+        test_idx = [i for i, r in enumerate(eval_records) if r["skill"] == skill]
         merged["examples_per_skill"][skill] = len(records)
         if not test_idx:
             continue
         model = get_csreft_model(base, config)  # with no examples of its skill it stays the base
         merged["parameters"] += model.trainable_parameters()["total"]
         if records:
-            merged["train_seconds"] += _train(model, tokenizer, records, opts, seed, run_dir / skill,
+            merged["train_seconds"] += _train(model, tokenizer, records, opts, seed, run_dir / skill, lr,
                                               batch_size=opts.specialist_batch_size)
-        res = evaluate_suite(model, tokenizer, suite, "test", records=[suite.test[i] for i in test_idx],
+        res = evaluate_suite(model, tokenizer, suite, "test", records=[eval_records[i] for i in test_idx],
                              batch_size=opts.eval_batch_size)
         model.remove_hooks()
         merged["seconds"] += res["seconds"]
@@ -307,111 +515,3 @@ def _specialists(base, tokenizer, suite, config, stream, opts, seed, run_dir) ->
     merged["accuracy"] = statistics.mean(v["accuracy"] for v in merged["per_skill"].values())
     merged["micro_accuracy"] = sum(scored) / len(scored)
     return merged
-
-
-def _mean_sd(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def build_report(suite, runs, params, base, opts, max_steps, wall, configs) -> dict:
-    base_params = sum(p.numel() for p in base.parameters())
-    methods = {}
-    for method, results in runs.items():
-        per_skill = {s: _mean_sd([r["per_skill"][s]["accuracy"] for r in results if s in r["per_skill"]])
-                     for s in suite.skills}
-        methods[method] = {
-            "per_skill": {s: {"mean": m, "sd": sd} for s, (m, sd) in per_skill.items()},
-            "accuracy": dict(zip(("mean", "sd"), _mean_sd([r["accuracy"] for r in results]))),
-            "composed_accuracy": dict(zip(("mean", "sd"), _mean_sd([r.get("composed_accuracy") for r in results]))),
-            "trainable_parameters": params.get(method, 0),
-            "percent_of_base": 100.0 * params.get(method, 0) / base_params,
-            "train_seconds": statistics.mean(r["train_seconds"] for r in results),
-            "eval_seconds": statistics.mean(r["seconds"] for r in results),
-            "per_seed_accuracy": [r["accuracy"] for r in results],
-            "gates": [r["gates"] for r in results if "gates" in r],
-            "lora_rank": results[0].get("lora_rank"),
-            "examples_per_skill": [r["examples_per_skill"] for r in results if "examples_per_skill" in r],
-        }
-    interference = {}
-    if "specialists" in methods:
-        spec = methods["specialists"]["per_skill"]
-        for method in (m for m in JOINT if m in methods):
-            diffs = {s: spec[s]["mean"] - methods[method]["per_skill"][s]["mean"]
-                     for s in suite.skills if spec[s]["mean"] is not None}
-            interference[method] = {"per_skill": diffs, "mean": statistics.mean(diffs.values()) if diffs else None}
-    tests = []
-    for a, b in PAIRS:
-        if a in runs and b in runs:
-            ca = [c for r in runs[a] for c in r["correct"]]
-            cb = [c for r in runs[b] for c in r["correct"]]
-            keep = [i for i, (x, y) in enumerate(zip(ca, cb)) if x is not None and y is not None]
-            ca, cb = [ca[i] for i in keep], [cb[i] for i in keep]
-            diff, lo, hi = paired_bootstrap(ca, cb, n=2000, seed=0)
-            tests.append({"a": a, "b": b, "n": len(ca), "accuracy_difference": diff, "ci95": [lo, hi],
-                          "mcnemar_p": mcnemar(ca, cb)})
-    return {
-        "suite": suite.name, "skills": suite.skills, "suite_info": suite.info,
-        "sizes": {"train": len(suite.train), "test": len(suite.test), "composed": len(suite.composed)},
-        "seeds": list(range(opts.seeds)), "max_steps": max_steps, "batch_size": opts.batch_size,
-        "specialist_batch_size": opts.specialist_batch_size or opts.batch_size,
-        "examples_seen_per_joint_run": max_steps * opts.batch_size,
-        "methods": methods, "interference": interference, "paired_tests": tests,
-        "configs": configs, "options": asdict(opts), "wall_seconds": wall, "base_parameters": base_params,
-        "model": opts.model or "smollm2-135m-instruct",
-    }
-
-
-def _fmt(mean, sd=None, pct=True):
-    if mean is None:
-        return "n/a"
-    scale = 100 if pct else 1
-    return f"{mean * scale:.1f}" + (f" ± {sd * scale:.1f}" if sd else "")
-
-
-def render_markdown(r: dict) -> str:
-    skills = r["skills"]
-    lines = [
-        f"# CS-ReFT comparison: {r['suite']} suite",
-        "",
-        f"Model {r['model']}; {r['sizes']['train']} train / {r['sizes']['test']} test / "
-        f"{r['sizes']['composed']} composed records; seeds {r['seeds']}; {r['max_steps']} steps x batch "
-        f"{r['batch_size']} = {r['examples_seen_per_joint_run']} examples per joint run; wall time "
-        f"{r['wall_seconds'] / 60:.1f} min. Accuracy in % (mean ± sd over seeds).",
-        "",
-        "| method | " + " | ".join(skills) + " | mean | composed | trainable | PE% | train s | eval s |",
-        "|---" * (len(skills) + 7) + "|",
-    ]
-    for name, m in r["methods"].items():
-        cells = [_fmt(m["per_skill"][s]["mean"], m["per_skill"][s]["sd"]) for s in skills]
-        label = name + (f" (r={m['lora_rank']})" if m.get("lora_rank") else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(m['accuracy']['mean'], m['accuracy']['sd'])} | "
-                     f"{_fmt(m['composed_accuracy']['mean'])} | {m['trainable_parameters']:,} | "
-                     f"{m['percent_of_base']:.4f} | {m['train_seconds']:.0f} | {m['eval_seconds']:.0f} |")
-    if r["interference"]:
-        lines += ["", "Interference = specialist accuracy - joint accuracy (points; positive = the joint "
-                  "run lost accuracy to sharing).", "",
-                  "| method | " + " | ".join(skills) + " | mean |", "|---" * (len(skills) + 2) + "|"]
-        for name, v in r["interference"].items():
-            cells = [f"{v['per_skill'][s] * 100:+.1f}" if s in v["per_skill"] else "n/a" for s in skills]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['mean'] * 100:+.1f} |")
-        seen = r["methods"]["specialists"]["examples_per_skill"]
-        if seen:
-            per = {s: statistics.mean(e[s] for e in seen) for s in skills}
-            bs = r.get("specialist_batch_size", r["batch_size"])
-            lines += ["", f"Each specialist saw its skill's share of the joint stream, at batch size {bs}: " +
-                      ", ".join(f"{s} {n:.0f} examples ({math.ceil(n / bs)} steps)" for s, n in per.items()) + "."]
-    if r["paired_tests"]:
-        lines += ["", "Paired tests on the same test examples, pooled over seeds (difference = a - b).", "",
-                  "| a | b | n | difference (95% CI) | McNemar p |", "|---|---|---|---|---|"]
-        for t in r["paired_tests"]:
-            lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {t['accuracy_difference'] * 100:+.1f} "
-                         f"({t['ci95'][0] * 100:+.1f}, {t['ci95'][1] * 100:+.1f}) | {t['mcnemar_p']:.3g} |")
-    gates = [f"gates-{m}-seed{s}.png" for m, v in r["methods"].items() if m.startswith("csreft")
-             for s in r["seeds"][:len(v["gates"])]]
-    if gates:
-        lines += ["", "Gate heatmaps (mean gate per skill x subspace on the test set): " + ", ".join(gates)]
-    lines += ["", "Configurations:", "", "```json", json.dumps(r["configs"], indent=1), "```", ""]
-    return "\n".join(lines)

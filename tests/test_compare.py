@@ -28,10 +28,10 @@ def report(tmp_path_factory, tiny_model_dir):
 
 def test_report_files_and_methods(report):
     r, out = report
-    assert set(r["methods"]) == {"base", "loreft", "specialists", "csreft", "csreft_supervised", "lora"}
+    assert set(r["methods"]) == {"base", "loreft", "specialists", "csreft", "csreft_supervised", "lora", "lora_edits"}
     assert json.loads((out / "report.json").read_text())["suite"] == "builtin"
     md = (out / "report.md").read_text()
-    assert "| csreft_supervised |" in md and "Interference" in md and "McNemar" in md
+    assert "| csreft_supervised |" in md and "Interference" in md and "McNemar" in md and "Routing" in md
     for method in ("csreft", "csreft_supervised"):
         for seed in (0, 1):
             assert (out / f"gates-{method}-seed{seed}.png").stat().st_size > 1000
@@ -86,5 +86,5 @@ def test_report_numbers_come_from_the_runs(report):
 
 
 def test_cli_rejects_unknown_method(capsys):
-    with pytest.raises(SystemExit, match="unknown \\['magic'\\]"):
+    with pytest.raises(SystemExit, match="unknown method 'magic'"):
         main(["compare", "--methods", "base,magic"])

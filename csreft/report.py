@@ -1,0 +1,252 @@
+"""The comparison's report: numbers from the runs (report.json), a readable table (report.md)
+and gate heatmaps. Written after every run, so an interrupted comparison keeps its results."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from .evaluation import mcnemar, paired_bootstrap
+
+JOINT_KINDS = ("loreft", "csreft", "csreft_supervised", "lora", "lora_edits")
+REFERENCES = ("loreft", "lora", "lora_edits", "specialists", "base")
+
+
+def plot_gates(matrix, skills, path: Path, title: str) -> None:
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(matrix[0]), 1.0 + 0.45 * len(skills)))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(matrix[0])), [f"s{i}" for i in range(len(matrix[0]))])
+    ax.set_yticks(range(len(skills)), skills)
+    for (i, j), v in np.ndenumerate(np.array(matrix)):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("subspace")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, suite, runs, *args) -> dict:
+    report = build_report(suite, {m: r for m, r in runs.items() if r}, *args)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _ms(values) -> dict:
+    return dict(zip(("mean", "sd"), _mean_sd(values)))
+
+
+def _pairs(kinds: dict) -> list[tuple[str, str]]:
+    """Every routed method against each reference present, then LoReFT and LoRA against theirs."""
+    first = {}
+    for label, kind in kinds.items():
+        first.setdefault(kind, label)
+    pairs = []
+    for label, kind in kinds.items():
+        if kind in ("csreft", "csreft_supervised"):
+            refs = [first[r] for r in REFERENCES if r in first]
+            if label != first.get("csreft") and "csreft" in first:
+                refs.insert(0, first["csreft"])
+            pairs += [(label, r) for r in refs]
+    for a, b in (("loreft", "specialists"), ("lora", "loreft"), ("lora_edits", "loreft")):
+        if a in first and b in first:
+            pairs.append((first[a], first[b]))
+    return pairs
+
+
+def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kinds, selection) -> dict:
+    base_params = sum(p.numel() for p in base.parameters())
+    methods = {}
+    for label, results in runs.items():
+        per_skill = {s: _mean_sd([r["per_skill"][s]["accuracy"] for r in results if s in r["per_skill"]])
+                     for s in suite.skills}
+        sel = selection.get(label) or (selection.get("loreft") if kinds[label] == "specialists" else None)
+        methods[label] = {
+            "kind": kinds[label],
+            "per_skill": {s: {"mean": m, "sd": sd} for s, (m, sd) in per_skill.items()},
+            "accuracy": _ms([r["accuracy"] for r in results]),
+            "composed_accuracy": _ms([r.get("composed_accuracy") for r in results]),
+            "trainable_parameters": params.get(label, 0),
+            "edit_parameters": results[0].get("edit_parameters"),
+            "percent_of_base": 100.0 * params.get(label, 0) / base_params,
+            "train_seconds": statistics.mean(r["train_seconds"] for r in results),
+            "eval_seconds": statistics.mean(r["seconds"] for r in results),
+            "per_seed_accuracy": [r["accuracy"] for r in results],
+            "lr": results[0].get("lr"),
+            "validation_accuracy": (sel["validation_accuracy"].get(str(sel["lr"])) if sel else None),
+            "lr_selection": sel,
+            "routing_nmi": _ms([r["routing"]["nmi"] for r in results if "routing" in r]),
+            "routing_soft_nmi": _ms([r["routing"]["soft_nmi"] for r in results if "routing" in r]),
+            "gates": [r["gates"] for r in results if "gates" in r],
+            "lora_rank": results[0].get("lora_rank"),
+            "examples_per_skill": [r["examples_per_skill"] for r in results if "examples_per_skill" in r],
+        }
+    interference = {}
+    spec = next((m for m in methods.values() if m["kind"] == "specialists"), None)
+    if spec:
+        for label, m in methods.items():
+            if m["kind"] not in JOINT_KINDS:
+                continue
+            diffs = {s: spec["per_skill"][s]["mean"] - m["per_skill"][s]["mean"]
+                     for s in suite.skills if spec["per_skill"][s]["mean"] is not None
+                     and m["per_skill"][s]["mean"] is not None}
+            interference[label] = {"per_skill": diffs, "mean": statistics.mean(diffs.values()) if diffs else None}
+    tests = []
+    for a, b in _pairs({label: kinds[label] for label in runs}):
+        n_seeds = min(len(runs[a]), len(runs[b]))
+        ca = [c for r in runs[a][:n_seeds] for c in r["correct"]]
+        cb = [c for r in runs[b][:n_seeds] for c in r["correct"]]
+        keep = [i for i, (x, y) in enumerate(zip(ca, cb)) if x is not None and y is not None]
+        ca, cb = [ca[i] for i in keep], [cb[i] for i in keep]
+        if not ca:
+            continue
+        diff, lo, hi = paired_bootstrap(ca, cb, n=2000, seed=0)
+        tests.append({"a": a, "b": b, "n": len(ca), "accuracy_difference": diff, "ci95": [lo, hi],
+                      "mcnemar_p": mcnemar(ca, cb)})
+    return {
+        "suite": suite.name, "skills": suite.skills, "suite_info": suite.info, "eval_split": opts.eval_split,
+        "sizes": {"train": len(suite.train), "test": len(suite.test), "composed": len(suite.composed),
+                  "validation_per_skill": opts.val_per_skill},
+        "seeds": list(range(opts.seeds)), "max_steps": max_steps, "batch_size": opts.batch_size,
+        "specialist_batch_size": opts.specialist_batch_size or opts.batch_size,
+        "examples_seen_per_joint_run": max_steps * opts.batch_size,
+        "methods": methods, "interference": interference, "paired_tests": tests,
+        "configs": configs, "options": asdict(opts), "wall_seconds": wall, "base_parameters": base_params,
+        "model": opts.model or "smollm2-135m-instruct",
+    }
+
+
+def _fmt(mean, sd=None, pct=True):
+    if mean is None:
+        return "n/a"
+    scale = 100 if pct else 1
+    digits = 1 if pct else 2
+    return f"{mean * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd else "")
+
+
+def render_markdown(r: dict) -> str:
+    skills = r["skills"]
+    split = r.get("eval_split", "test")
+    lines = [
+        f"# CS-ReFT comparison: {r['suite']} suite",
+        "",
+        f"Model {r['model']}; {r['sizes']['train']} train records ({r['sizes']['validation_per_skill']} per skill "
+        f"held out for validation) / {r['sizes']['test']} test / {r['sizes']['composed']} composed; scored on "
+        f"{split}; seeds {r['seeds']}; {r['max_steps']} steps x batch {r['batch_size']} = "
+        f"{r['examples_seen_per_joint_run']} examples per joint run; wall time {r['wall_seconds'] / 60:.1f} min. "
+        "Accuracy in % (mean ± sd over seeds); lr chosen on validation unless fixed; NMI: routing NMI "
+        "between skill and strongest gate (soft NMI in the routing table).",
+        "",
+        "| method | " + " | ".join(skills) + " | mean | composed | NMI | lr | val | trainable | PE% | train s | eval s |",
+        "|---" * (len(skills) + 11) + "|",
+    ]
+    for name, m in r["methods"].items():
+        cells = [_fmt(m["per_skill"][s]["mean"], m["per_skill"][s]["sd"]) for s in skills]
+        label = name + (f" (r={m['lora_rank']})" if m.get("lora_rank") else "")
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {_fmt(m['accuracy']['mean'], m['accuracy']['sd'])} | "
+            f"{_fmt(m['composed_accuracy']['mean'])} | {_fmt(m['routing_nmi']['mean'], None, False)} | "
+            f"{'' if m['lr'] is None else format(m['lr'], 'g')} | {_fmt(m['validation_accuracy'])} | "
+            f"{m['trainable_parameters']:,} | {m['percent_of_base']:.4f} | {m['train_seconds']:.0f} | "
+            f"{m['eval_seconds']:.0f} |")
+    routed = {n: m for n, m in r["methods"].items() if m["gates"]}
+    if routed:
+        lines += ["", "Routing (on the scored split): NMI(skill; strongest gate) and soft NMI (gate vectors), "
+                  "mean ± sd over seeds; 0 = the same gates for every skill, 1 = one subspace group per skill.", "",
+                  "| method | NMI | soft NMI | heatmaps |", "|---|---|---|---|"]
+        for name, m in routed.items():
+            maps = ", ".join(f"gates-{_slug(name)}-seed{s}.png" for s in r["seeds"][:len(m["gates"])])
+            lines.append(f"| {name} | {_fmt(m['routing_nmi']['mean'], m['routing_nmi']['sd'], False)} | "
+                         f"{_fmt(m['routing_soft_nmi']['mean'], m['routing_soft_nmi']['sd'], False)} | {maps} |")
+    if r["interference"]:
+        lines += ["", "Interference = specialist accuracy - joint accuracy (points; positive = the joint "
+                  "run lost accuracy to sharing).", "",
+                  "| method | " + " | ".join(skills) + " | mean |", "|---" * (len(skills) + 2) + "|"]
+        for name, v in r["interference"].items():
+            cells = [f"{v['per_skill'][s] * 100:+.1f}" if s in v["per_skill"] else "n/a" for s in skills]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['mean'] * 100:+.1f} |")
+        seen = next(m for m in r["methods"].values() if m["kind"] == "specialists")["examples_per_skill"]
+        if seen:
+            per = {s: statistics.mean(e[s] for e in seen) for s in skills}
+            bs = r.get("specialist_batch_size", r["batch_size"])
+            lines += ["", f"Each specialist saw its skill's share of the joint stream, at batch size {bs}: " +
+                      ", ".join(f"{s} {n:.0f} examples ({math.ceil(n / bs)} steps)" for s, n in per.items()) + "."]
+    if r["paired_tests"]:
+        lines += ["", "Paired tests on the same examples, pooled over seeds (difference = a - b, points).", "",
+                  "| a | b | n | difference (95% CI) | McNemar p |", "|---|---|---|---|---|"]
+        for t in r["paired_tests"]:
+            lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {t['accuracy_difference'] * 100:+.1f} "
+                         f"({t['ci95'][0] * 100:+.1f}, {t['ci95'][1] * 100:+.1f}) | {t['mcnemar_p']:.3g} |")
+    chosen = {n: m["lr_selection"] for n, m in r["methods"].items() if m["lr_selection"] and m["kind"] != "specialists"}
+    if chosen:
+        lines += ["", "Learning rates: validation accuracy (%) per grid value, seed 0, "
+                  f"{next(iter(chosen.values()))['steps']} steps each; the best is used (ties: the smaller).", "",
+                  "| method | " + " | ".join("lr" for _ in range(1)) + " grid: validation accuracy | chosen |", "|---|---|---|"]
+        for n, s in chosen.items():
+            grid = ", ".join(f"{float(lr):g}: {100 * acc:.1f}" for lr, acc in s["validation_accuracy"].items())
+            lines.append(f"| {n} | {grid} | {s['lr']:g} |")
+    lines += ["", "Configurations, options and per-example results: report.json and runs/*/result.json.", ""]
+    return "\n".join(lines)
+
+
+def _slug(label: str) -> str:
+    """A file-name form of a method label: csreft[gating=hard] -> csreft-gating=hard."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label.replace("[", "-").replace("]", "")).strip("_")
+
+
+def summary_lines(r: dict) -> list[str]:
+    """What the terminal shows at the end: the main table and a two-line reading."""
+    lines = [f"\n{r['suite']} suite, {r['max_steps']} steps x batch {r['batch_size']}, seeds {len(r['seeds'])}, "
+             f"scored on {len(r['seeds'])} x {r['sizes']['test'] if r.get('eval_split', 'test') == 'test' else 'validation'} records:",
+             f"{'method':<44}{'accuracy':>10}{'composed':>10}{'routing NMI':>13}{'lr':>8}"]
+    for name, m in r["methods"].items():
+        lr = "" if m["lr"] is None else format(m["lr"], "g")
+        lines.append(f"{name[:43]:<44}{_fmt(m['accuracy']['mean']):>10}{_fmt(m['composed_accuracy']['mean']):>10}"
+                     f"{_fmt(m['routing_nmi']['mean'], None, False):>13}{lr:>8}")
+    lines += ["", *reading(r)]
+    return lines
+
+
+def reading(r: dict) -> list[str]:
+    """Two sentences: how the first CS-ReFT method did against LoReFT, and whether it routed."""
+    methods = r["methods"]
+    cs = next((n for n, m in methods.items() if m["kind"] == "csreft"), None)
+    if cs is None:
+        return ["No CS-ReFT run in this comparison."]
+    test = next((t for t in r["paired_tests"] if t["a"] == cs and methods[t["b"]]["kind"] == "loreft"), None)
+    if test is None:
+        first = "CS-ReFT ran without a LoReFT reference, so no paired test."
+    else:
+        lo, hi = test["ci95"]
+        verdict = ("significantly better than" if lo > 0 else "significantly worse than" if hi < 0
+                   else "not distinguishable from")
+        first = (f"Reading: CS-ReFT ({cs}) is {verdict} one LoReFT edit with the same edit parameters: "
+                 f"{test['accuracy_difference'] * 100:+.1f} points (95% CI {lo * 100:+.1f} to {hi * 100:+.1f}, "
+                 f"{test['n']} paired answers).")
+    nmi = methods[cs]["routing_nmi"]["mean"]
+    if nmi is None:
+        second = "Its router was not measured."
+    else:
+        how = ("gives each skill subspaces of its own" if nmi >= 0.7 else
+               "partly separates the skills" if nmi >= 0.3 else "gives nearly the same gates to every skill")
+        second = f"Its router {how} (routing NMI {nmi:.2f}; 1 = one subspace group per skill)."
+    return [first, second]
