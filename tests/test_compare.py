@@ -7,6 +7,7 @@ import pytest
 
 from csreft.compare import CompareOptions, compare, training_stream
 from csreft.cli import main
+from csreft.report import _slug
 
 
 def test_training_stream_is_seeded_and_cycles():
@@ -88,3 +89,90 @@ def test_report_numbers_come_from_the_runs(report):
 def test_cli_rejects_unknown_method(capsys):
     with pytest.raises(SystemExit, match="unknown method 'magic'"):
         main(["compare", "--methods", "base,magic"])
+
+
+def test_validation_split_is_carved_from_train_and_disjoint_from_test():
+    from csreft.compare import split_validation
+    from csreft.suites import get_suite
+
+    suite = get_suite("builtin", train_per_skill=10, test_per_skill=4, composed=6)
+    pool, val = split_validation(suite, 3)
+    key = lambda r: r["prompt"]  # noqa: E731
+    assert len(val) == 3 * len(suite.skills) and len(pool) + len(val) == len(suite.train)
+    assert not {key(r) for r in pool} & {key(r) for r in val}
+    assert not {key(r) for r in val} & {key(r) for r in suite.test}
+    assert split_validation(suite, 3) == (pool, val)  # deterministic
+
+
+def test_method_variants_parse_and_bad_ones_are_named():
+    from csreft.compare import parse_methods
+
+    methods = parse_methods("loreft,csreft[gating=hard,sparsity_weight=1e-2],lora[lr=3e-4]")
+    assert [m.label for m in methods] == ["loreft", "csreft[gating=hard,sparsity_weight=0.01]", "lora[lr=0.0003]"]
+    assert methods[1].overrides == {"gating": "hard", "sparsity_weight": 0.01} and methods[2].lr == 3e-4
+    assert len(parse_methods("all")) == 7
+    for bad, message in [("csreft[gatting=hard]", "'gatting' cannot be set"), ("csreft[gating=medium]", "gating='medium'"),
+                         ("lora[rank=4]", "'rank' cannot be set for lora"), ("csreft[lr=0]", "lr=0"),
+                         ("csreft,csreft", "given twice"), ("csreft[gating]", "not key=value")]:
+        with pytest.raises(ValueError, match=message):
+            parse_methods(bad)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("tuned")
+    opts = CompareOptions(suite="builtin", seeds=1, max_steps=2, select_steps=1, batch_size=4, lr=None,
+                          lr_grid_reft=(1e-3, 3e-2), lr_grid_lora=(1e-4, 1e-2), val_per_skill=1,
+                          methods="base,loreft,csreft,csreft[router_input=head,balance_weight=1.0],lora,lora_edits",
+                          rank=2, layers=[1, 2], positions="f2+l2", router_hidden=16, train_per_skill=4,
+                          test_per_skill=2, composed=6, eval_batch_size=8, model=str(tiny_model_dir),
+                          output_dir=str(out), max_length=64, quiet=True)
+    return compare(opts), out, opts
+
+
+def test_learning_rates_are_chosen_on_validation_per_method(tuned):
+    r, out, _ = tuned
+    variant = "csreft[router_input=head,balance_weight=1.0]"
+    assert set(r["methods"]) == {"base", "loreft", "csreft", variant, "lora", "lora_edits"}
+    for name, m in r["methods"].items():
+        if name == "base":
+            assert m["lr"] is None and m["lr_selection"] is None
+            continue
+        sel = m["lr_selection"]
+        grid = (1e-4, 1e-2) if name.startswith("lora") else (1e-3, 3e-2)
+        assert [float(x) for x in sel["validation_accuracy"]] == list(grid) and sel["steps"] == 1
+        best = max(sel["validation_accuracy"].items(), key=lambda kv: (kv[1], -float(kv[0])))
+        assert m["lr"] == sel["lr"] == float(best[0])
+        assert m["validation_accuracy"] == best[1]
+        for lr in grid:  # every grid value was trained and scored on the validation records
+            res = json.loads((out / "selection" / f"{_slug(name)}-lr{lr:g}" / "result.json").read_text())
+            assert res["key"]["split"] == "validation" and len(res["correct"]) == len(r["skills"])
+    assert r["methods"][variant]["routing_nmi"]["mean"] is not None
+    assert "| lr |" in (out / "report.md").read_text().replace(" lr | val", " lr |")
+
+
+def test_lora_at_two_budgets(tuned):
+    r, _, _ = tuned
+    m = r["methods"]
+    cs_total, cs_edits = m["csreft"]["trainable_parameters"], m["csreft"]["edit_parameters"]
+    for name, target in (("lora", cs_total), ("lora_edits", cs_edits)):
+        rank = m[name]["lora_rank"]
+        assert abs(m[name]["trainable_parameters"] - target) <= m[name]["trainable_parameters"] / rank
+    assert m["lora_edits"]["trainable_parameters"] < m["lora"]["trainable_parameters"]
+    pairs = {(t["a"], t["b"]) for t in r["paired_tests"]}
+    for ref in ("loreft", "lora", "lora_edits", "base"):
+        assert ("csreft", ref) in pairs and ("csreft[router_input=head,balance_weight=1.0]", ref) in pairs
+    assert ("csreft[router_input=head,balance_weight=1.0]", "csreft") in pairs
+
+
+def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch):
+    r, out, opts = tuned
+    import csreft.compare as cmp
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(cmp, "_train", no_training)
+    again = compare(opts)
+    assert again["methods"]["csreft"]["per_seed_accuracy"] == r["methods"]["csreft"]["per_seed_accuracy"]
+    assert again["methods"]["lora"]["lr"] == r["methods"]["lora"]["lr"]
