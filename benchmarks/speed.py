@@ -97,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--gen-batch-sizes", help="comma-separated; default 1 and --batch-size")
     p.add_argument("--layers", default="3,9,18,24")
+    p.add_argument("--csreft-options", default="", metavar="KEY=VALUE,...",
+                   help="CSReftConfig fields for the csreft method, e.g. router_layer=12,router_input=last")
     p.add_argument("--model", default=csreft.DEFAULT_MODEL, help="base model (name, Hub id or path)")
     p.add_argument("--model-shape", choices=sorted(SHAPES), help="random-initialised Llama of this shape instead of --model")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -127,6 +129,14 @@ def parse_args(argv=None):
     args.gen_batch_sizes = sorted({int(x) for x in (args.gen_batch_sizes or f"1,{args.batch_size}").split(",")})
     args.skip = {s for s in args.skip.split(",") if s}
     return args
+
+
+def csreft_options(text):
+    """"router_layer=12,router_input=last" -> {"router_layer": 12, "router_input": "last"}."""
+    from csreft.compare import scalar
+
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    return {k.strip(): scalar(v.strip()) for k, v in pairs}
 
 
 def load_model(args):
@@ -186,8 +196,9 @@ class Method:
             params = [scale]
         elif name in ("loreft", "csreft"):
             k = 4 if name == "csreft" else 1
-            config = CSReftConfig(layers=args.layers, rank=4, num_subspaces=k, positions="f7+l7",
-                                  use_router=name == "csreft")
+            extra = csreft_options(args.csreft_options) if name == "csreft" else {}
+            config = CSReftConfig(**{"layers": args.layers, "rank": 4, "num_subspaces": k, "positions": "f7+l7",
+                                     "use_router": name == "csreft", **extra})
             model = get_csreft_model(model, config)
             params = [p for p in model.parameters() if p.requires_grad]
         elif name == "lora":
@@ -462,7 +473,8 @@ def bench_memory(args, specs):
     common = ["--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
               "--seq-len", str(args.seq_len), "--new-tokens", str(args.new_tokens),
               "--gen-batch-sizes", ",".join(map(str, args.gen_batch_sizes)),
-              "--layers", ",".join(map(str, args.layers)), "--model", args.model]
+              "--layers", ",".join(map(str, args.layers)), "--model", args.model,
+              "--csreft-options", args.csreft_options]
     if args.model_shape:
         common += ["--model-shape", args.model_shape]
     if not args.device.startswith("cuda"):
@@ -501,6 +513,8 @@ def report(args, res):
     tm = "seconds" if args.clock == "wall" else "cpu_seconds"
     sfx = "" if args.clock == "wall" else "_cpu"
     lines = [f"clock: {args.clock} time; load average {res['environment']['loadavg_start']} at the start"]
+    if args.csreft_options:
+        lines.append(f"csreft options: {args.csreft_options}")
     if "train" in res:
         t = res["train"]
         lines.append(f"\ntrain step, batch {args.batch_size} x {args.seq_len} ({tm}: median [IQR]; "

@@ -229,9 +229,8 @@ def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: 
         trainer = _LoraTrainer(data_collator=_LoraCollator(tokenizer.pad_token_id), **common)
     else:
         trainer = CSReftTrainer(data_collator=Collator(tokenizer.pad_token_id, with_skills=supervised), **common)
-    if not opts.quiet:  # the stage lines say what runs; no raw log dictionaries
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)  # the stage lines say what runs; no raw log dictionaries
+    trainer.remove_callback(ProgressCallback)
     started = time.time()
     trainer.train()
     model.eval()
@@ -386,6 +385,10 @@ def compare(opts: CompareOptions) -> dict:
     from .suites import get_suite
 
     started = time.time()
+    if not opts.quiet:  # the stage lines say what runs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if opts.eval_split not in ("test", "validation"):
@@ -412,26 +415,28 @@ def compare(opts: CompareOptions) -> dict:
 
     max_steps = opts.max_steps
     trained = [m for m in methods if m.kind != "base"]
-    if opts.max_minutes is not None:
-        base_eval_s = 30.0 * len(eval_records) / 120
-        budget = opts.max_minutes * 60 - (1 + opts.seeds * len(trained)) * base_eval_s * 1.1
-        n_runs = opts.seeds * (len(trained) + sum(m.kind == "specialists" for m in trained))
-        steps = _calibrate_steps(base, tokenizer, suite, configs["csreft"], opts, max(budget, 0) * 0.85, n_runs)
-        max_steps = steps if opts.max_steps is None else min(steps, opts.max_steps)
-    select_steps = opts.select_steps or max(1, max_steps // 2)
-    n_seen = max_steps * opts.batch_size
-
     to_select = [] if opts.lr is not None else [m for m in trained if m.lr is None]
     if any(m.kind == "specialists" for m in to_select) and not any(m.kind == "loreft" for m in to_select):
         to_select.insert(0, Method("loreft", "loreft"))  # specialists use LoReFT's learning rate
     to_select = [m for m in to_select if m.kind != "specialists"]
     grid = {m.label: (opts.lr_grid_lora if m.kind.startswith("lora") else opts.lr_grid_reft) for m in to_select}
-    total = (sum(len(g) for g in grid.values()) * select_steps
+    n_select = sum(len(g) for g in grid.values())
+    if opts.max_minutes is not None:  # runs of max_steps, selection runs of half as many
+        eval_s = 30.0 * len(eval_records) / 120
+        budget = opts.max_minutes * 60 - (1 + opts.seeds * len(trained) + n_select) * eval_s * 1.1
+        n_runs = opts.seeds * (len(trained) + sum(m.kind == "specialists" for m in trained)) + n_select / 2
+        steps = _calibrate_steps(base, tokenizer, suite, configs["csreft"], opts, max(budget, 0) * 0.85, n_runs)
+        max_steps = steps if opts.max_steps is None else min(steps, opts.max_steps)
+    select_steps = opts.select_steps or max(1, max_steps // 2)
+    n_seen = max_steps * opts.batch_size
+
+    total = (n_select * select_steps
              + opts.seeds * len(trained) * max_steps + opts.seeds * sum(m.kind == "specialists" for m in trained) * max_steps)
     stages = Stages(total, opts.quiet)
     runner = _Runner(base, tokenizer, suite, opts, configs, stages)
     shared_key = {"suite": opts.suite, "train_per_skill": opts.train_per_skill, "test_per_skill": opts.test_per_skill,
-                  "val_per_skill": opts.val_per_skill, "batch_size": opts.batch_size, "max_length": opts.max_length,
+                  "val_per_skill": opts.val_per_skill, "composed": opts.composed, "batch_size": opts.batch_size,
+                  "max_length": opts.max_length,
                   "model": opts.model or DEFAULT_MODEL}
 
     def key_for(m: Method, lr, seed, steps, split):

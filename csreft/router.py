@@ -63,7 +63,7 @@ class Router(nn.Module):
         self.router_input, self.head = router_input, head
         if router_input == "attention":
             self.query = nn.Parameter(torch.zeros(hidden_size))
-        self.register_buffer("progress", torch.ones(()), persistent=False)
+        self.progress = 1.0  # annealed gating: 0 = soft ... 1 = hard (not saved: a loaded router is hard)
 
     def summarise(self, hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """One vector per row from the prompt span [starts, ends) of hidden (B, L, d)."""
@@ -92,7 +92,7 @@ class Router(nn.Module):
             hard = _StraightThroughThreshold.apply(probs, self.threshold)
             if self.gating == "hard":
                 return hard, probs
-            return probs + self.progress.to(probs.dtype) * (hard - probs), probs
+            return probs + self.progress * (hard - probs), probs
         keep = torch.zeros_like(probs).scatter(-1, probs.topk(self.top_k, dim=-1).indices, 1.0)
         return probs * keep, probs
 

@@ -151,7 +151,7 @@ class CSReftTrainer(OrderedTrainer):
     def _set_progress(self, value: float) -> None:
         router = self.accelerator.unwrap_model(self.model).router
         if router is not None:
-            router.progress.fill_(min(max(value, 0.0), 1.0))
+            router.progress = min(max(float(value), 0.0), 1.0)
 
     def train(self, *args, **kwargs):
         try:
