@@ -192,6 +192,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "resume": "continue from the latest checkpoint in OUTPUT_DIR, or from DIR",
         "skill_routing": "add the supervised routing loss from the records' 'skill' fields",
         "save_steps": "checkpoint every N steps (0: only the final adapter)",
+        "init_adapter": "start from this adapter (e.g. a composed skill library) instead of fresh edits",
+        "train": "what to train: all (edits and router) or router (edits frozen, bit-identical)",
     }
     group = parser.add_argument_group("training")
     for name, default in DEFAULTS.items():

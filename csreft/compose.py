@@ -100,6 +100,36 @@ def _complete(q: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.cat([q.detach().cpu(), full[:, r:].to(q.dtype)], 1)
 
 
+@torch.no_grad()
+def fill_subspaces(edit, blocks: list, loreft: bool, seed: int = 0) -> None:
+    """Set the independent-basis edit `edit` (k x d x R bases) to the given subspaces.
+
+    blocks[j]: (Q (d, r) orthonormal columns, W (r, d), b (r,)) with r <= R, or None. Subspace
+    j then computes exactly that edit: its basis is base_j @ I = Q (torch's trivialised
+    orthogonal map with the identity), completed to R columns by orthonormal directions whose
+    edit is null, like the whole of subspace j where blocks[j] is None: W = R (loreft) or
+    0 (direft), b = 0, so (W - R) h + b is exactly 0."""
+    param = edit.parametrizations.basis
+    rank = edit.rank
+    bases = param[0].base.clone()  # (k, d, d): subspace j's basis is its first R columns
+    weight, bias = edit.weight.clone(), torch.zeros_like(edit.bias)
+    null = torch.ones(len(blocks) * rank, dtype=torch.bool, device=weight.device)
+    for j, block in enumerate(blocks):
+        if block is not None:
+            q, w, b = block
+            r = q.shape[1]
+            bases[j] = _complete(q, seed + j).to(bases)
+            rows = slice(j * rank, j * rank + r)
+            weight[rows], bias[rows], null[rows] = w.to(weight), b.to(bias), False
+    param[0].base.copy_(bases)
+    identity = torch.zeros_like(param.original)
+    identity.diagonal(dim1=-2, dim2=-1).fill_(-1.0)  # torch's trivialised map of -I is the identity
+    param.original.copy_(identity)
+    weight[null] = edit.stacked_basis().T[null] if loreft else 0.0
+    edit.weight.copy_(weight)
+    edit.bias.copy_(bias)
+
+
 def overlap_report(adapters: list[dict]) -> dict:
     """Principal angles between every two adapters' subspaces (all of each adapter's
     subspaces together), per edited layer and position group: cosines of the angles, largest
@@ -145,34 +175,16 @@ def compose_adapters(base, directories, router: bool = True, seed: int = 0, **ro
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CSReftModel(base, config)
-    loreft = config.intervention == "loreft"
-    with torch.no_grad():
-        for layer, groups in model.edits.items():
-            for g, edit in enumerate(groups):
-                param = edit.parametrizations.basis
-                bases = param[0].base.clone()  # (K, d, d): subspace j's basis = first r columns
-                weight, bias = edit.weight.clone(), torch.zeros_like(edit.bias)
-                null = torch.ones(len(names) * rank, dtype=torch.bool)  # rows with a null edit
-                j = 0
-                for a in adapters:
-                    n, r = len(a["names"]), a["config"].rank
-                    found = a["edits"].get((int(layer), g))
-                    for s in range(n):
-                        if found is not None:
-                            q, w, b = found
-                            cols = slice(s * r, (s + 1) * r)
-                            bases[j] = _complete(q[:, cols], seed + j).to(bases)
-                            weight[j * rank:j * rank + r], bias[j * rank:j * rank + r] = w[cols], b[cols]
-                            null[j * rank:j * rank + r] = False
-                        j += 1
-                param[0].base.copy_(bases)
-                eye = torch.zeros_like(param.original)
-                eye.diagonal(dim1=-2, dim2=-1).fill_(-1.0)  # torch's trivialised identity: basis = base[:, :r]
-                param.original.copy_(eye)
-                q_all = edit.stacked_basis()
-                weight[null] = q_all.T[null] if loreft else 0.0  # (W - R) h + b = 0 exactly
-                edit.weight.copy_(weight)
-                edit.bias.copy_(bias)
+    for layer, groups in model.edits.items():
+        for g, edit in enumerate(groups):
+            blocks = []
+            for a in adapters:
+                n, r = len(a["names"]), a["config"].rank
+                found = a["edits"].get((int(layer), g))
+                blocks += [None if found is None else
+                           (found[0][:, s * r:(s + 1) * r], found[1][s * r:(s + 1) * r], found[2][s * r:(s + 1) * r])
+                           for s in range(n)]
+            fill_subspaces(edit, blocks, config.intervention == "loreft", seed)
     model.skill_names = names
     model.composition = {
         "skills": names,

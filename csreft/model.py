@@ -390,7 +390,7 @@ class CSReftModel(nn.Module):
 
     def trainable_parameters(self) -> dict:
         """Counts of trainable numbers: edits, router, total, and percent of the base model."""
-        edits = sum(p.numel() for p in self.edits.parameters())
+        edits = sum(p.numel() for p in self.edits.parameters() if p.requires_grad)  # frozen: --train router
         router = sum(p.numel() for p in self.router.parameters()) if self.router is not None else 0
         base = sum(p.numel() for p in self.base_model.parameters())
         return {

@@ -121,3 +121,41 @@ def test_cli_compose_writes_a_loadable_library(tmp_path, tiny_model_dir, library
     ids = ids_batch()
     with torch.no_grad():
         assert torch.equal(loaded(ids, skills="upper").logits, composed(ids, skills="upper").logits)
+
+
+def test_router_only_training_leaves_every_imported_edit_bit_identical(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dirs = []
+    for seed, skill in enumerate(("reverse", "double")):
+        model = get_csreft_model(base, CSReftConfig(layers=[1, 2], rank=2, num_subspaces=1, use_router=False))
+        randomize_edits(model, 0.5, seed=seed)
+        model.save_pretrained(tmp_path / skill, metadata={"skills": [skill]})
+        model.remove_hooks()
+        dirs.append(str(tmp_path / skill))
+    words = ["abc", "dog", "cat", "sun", "map", "pen"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{s} the word {w}", "response": f(w), "skill": s}) + "\n"
+                            for s, f in (("reverse", lambda w: w[::-1]), ("double", lambda w: w + w))
+                            for w in words))
+    lib = tmp_path / "lib"
+    main(["compose", "--adapters", ",".join(dirs), "--output-dir", str(lib), "--model", str(tiny_model_dir)])
+    out = tmp_path / "run"
+    main(["train", "--init-adapter", str(lib), "--train", "router", "--skill-routing", "--data", str(data),
+          "--model", str(tiny_model_dir), "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4",
+          "--lr", "1e-2", "--logging-steps", "2", "--routing-loss-weight", "2.0"])
+    before, after = load_file(lib / "adapter_model.safetensors"), load_file(out / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    edits = [k for k in before if k.startswith("edits.")]
+    assert edits and all(torch.equal(before[k], after[k]) for k in edits)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("router."))
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["metadata"]["skills"] == ["reverse", "double"] and meta["metadata"]["skill_routing"]
+    assert meta["csreft_config"]["routing_loss_weight"] == 2.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["edit_parameters"] == 0 and summary["router_parameters"] > 0
+    with pytest.raises(SystemExit, match="rank come"):
+        main(["train", "--init-adapter", str(lib), "--train", "router", "--data", str(data), "--rank", "8",
+              "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "bad")])
