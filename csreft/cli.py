@@ -355,6 +355,22 @@ def cmd_compose(args: argparse.Namespace) -> None:
     print("\n".join(overlap_lines(model.composition)) or "  (no layer edited by two adapters)")
 
 
+def cmd_convert_pyreft(args: argparse.Namespace) -> None:
+    from .base_models import load_base
+    from .pyreft import convert_to_directory, read_pyreft
+
+    try:
+        read_pyreft(args.src)  # a clear error before the base model loads
+        base, _ = load_base(args.model or DEFAULT_MODEL)
+        model = convert_to_directory(args.src, base, args.output_dir, positions=args.positions, skill=args.skill)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"csreft convert-pyreft: {err}")
+    c = model.csreft_config
+    print(f"converted {args.src} into {args.output_dir}: {c.intervention} at layers {c.layers}, rank {c.rank}, "
+          f"positions {c.positions} ({'shared' if c.share_positions else 'separate'} first/last weights), "
+          f"skill {model.skill_names[0]!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csreft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -403,6 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--gating", default=None, help="the fresh router's gating (CSReftConfig.gating)")
     comp.add_argument("--seed", type=int, default=0, help="seed of the fresh router")
     comp.set_defaults(func=cmd_compose)
+
+    conv = sub.add_parser("convert-pyreft", help="a LoReFT model saved by pyreft -> a csreft adapter")
+    conv.add_argument("src", help="the directory pyreft's ReftModel.save wrote (config.json, intkey_*.bin)")
+    conv.add_argument("--output-dir", required=True, help="where the csreft adapter goes (written atomically)")
+    conv.add_argument("--model", default=None, help=f"the base model it was trained on (default: {DEFAULT_MODEL})")
+    conv.add_argument("--positions", default="f7+l7", help="the positions pyreft's training used (not saved "
+                      "in its checkpoint; default f7+l7, pyreft's LoReFT recipe)")
+    conv.add_argument("--skill", default=None, help="skill name of the edit (default: the directory's name)")
+    conv.set_defaults(func=cmd_convert_pyreft)
 
     cmp_ = sub.add_parser("compare", help="base vs LoReFT vs specialists vs CS-ReFT vs LoRA on a suite")
     add_compare_options(cmp_, {})
