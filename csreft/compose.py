@@ -142,7 +142,7 @@ def overlap_report(adapters: list[dict]) -> dict:
                 if key in a["edits"] and key in b["edits"]:
                     qa, qb = a["edits"][key][0].double(), b["edits"][key][0].double()
                     cos = torch.linalg.svdvals(qa.T @ qb).clamp(0, 1)
-                    rows[f"{a['dir'].name} | {b['dir'].name}"] = {
+                    rows[f"{a['label']} | {b['label']}"] = {
                         "min_angle_deg": round(math.degrees(math.acos(float(cos[0]))), 2),
                         "cosines": [round(float(c), 4) for c in cos],
                     }
@@ -165,6 +165,9 @@ def compose_adapters(base, directories, router: bool = True, seed: int = 0, **ro
         raise ValueError("compose: give at least one adapter directory")
     adapters = [_read(base, d) for d in directories]
     _check_compatible(adapters)
+    for a in adapters:  # the overlap report's label: the folder name, with its parent where not unique
+        unique = sum(b["dir"].name == a["dir"].name for b in adapters) == 1
+        a["label"] = a["dir"].name if unique else f"{a['dir'].parent.name}/{a['dir'].name}"
     first = adapters[0]["config"]
     rank = max(a["config"].rank for a in adapters)
     layers = sorted({layer for a in adapters for layer in a["config"].layers})
