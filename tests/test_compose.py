@@ -159,3 +159,11 @@ def test_router_only_training_leaves_every_imported_edit_bit_identical(tmp_path,
     with pytest.raises(SystemExit, match="rank come"):
         main(["train", "--init-adapter", str(lib), "--train", "router", "--data", str(data), "--rank", "8",
               "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "bad")])
+
+
+def test_library_without_router_turns_every_edit_on(library):
+    composed = compose_adapters(tiny_llama(), library, router=False)
+    assert composed.router is None
+    ids = ids_batch()
+    with torch.no_grad():
+        assert torch.equal(composed(ids).logits, composed(ids, gates=[1.0] * 6).logits)
