@@ -180,3 +180,36 @@ def test_bad_gates_and_skills_are_clear_errors(kwargs, message):
         model(ids_batch(2, 8), **kwargs)
     with pytest.raises(ValueError, match=message):
         model.generate(ids_batch(2, 8), max_new_tokens=1, pad_token_id=0, **kwargs)
+
+
+def test_cli_generate_and_eval_take_skills_and_gates(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from csreft.cli import main
+    from csreft.generation import generate_texts
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_csreft_model(base, CSReftConfig(layers=[1, 2], rank=2, num_subspaces=3, positions="f3+l3"))
+    randomize_edits(model, 2.0)
+    model.save_pretrained(tmp_path / "a", metadata={"skills": SKILLS, "skill_routing": True})
+    model.skill_names = SKILLS
+    expected = generate_texts(model, AutoTokenizer.from_pretrained(tiny_model_dir), ["reverse the word abc"],
+                              max_new_tokens=4, skills="sort,upper")
+    plain = generate_texts(model.base_model, AutoTokenizer.from_pretrained(tiny_model_dir), ["reverse the word abc"],
+                           max_new_tokens=4)
+    assert expected[0] and expected != plain  # the chosen edits change the output
+    common = ["--adapter", str(tmp_path / "a"), "--model", str(tiny_model_dir)]
+    main(["generate", *common, "--prompt", "reverse the word abc", "--max-new-tokens", "4", "--skills", "sort,upper"])
+    assert capsys.readouterr().out.strip() == expected[0]
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "reverse the word abc", "response": "cba", "skill": "reverse"}) + "\n")
+    main(["eval", *common, "--data", str(data), "--gates=-1,0,2", "--output", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["per_skill"]["reverse"]["n"] == 1
+    with pytest.raises(SystemExit, match="unknown skill 'shout'; this adapter's skills: reverse, sort, upper"):
+        main(["eval", *common, "--data", str(data), "--skills", "shout"])
+    with pytest.raises(SystemExit, match=r"gates has shape \(1, 2\)"):
+        main(["generate", *common, "--prompt", "x", "--gates", "1,0"])
+    with pytest.raises(SystemExit, match="need --adapter|give --adapter"):
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--skills", "sort"])
