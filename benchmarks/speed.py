@@ -23,6 +23,9 @@ What is measured, all on one batch of B rows x L tokens whose first half is the 
             to L/4 tokens). prefill tokens/s = padded prompt positions / time to the first
             token; decode tokens/s = B * (N - 1) / time from the first to the last token (also
             B / median time per step, which short stalls on a busy machine do not move).
+  mixed     the same decoding at batch --mixed-batch-size (8) where every row of the csreft
+            batch has gates of its own (explicit gates: one or two skills per row, as a server
+            of several skills would send), against the base.
   memory    peak memory of each method, each in a fresh subprocess that builds only that
             method. CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs once
             the model is built, so loading spikes do not count; it includes the Python/torch
@@ -83,6 +86,7 @@ TARGETS = {  # key: (comparison, bound)
     "decode_ratio_vs_base": (">=", 0.97),
     "memory_ratio_vs_base": ("<", 1.02),
     "memory_ratio_generate_vs_base": ("<", 1.02),
+    "decode_ratio_mixed_vs_base": (">=", 0.97),
 }
 
 
@@ -109,7 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="time the headline ratios use (both are recorded): auto = this process's CPU "
                         "time when it runs on one CPU thread, else the wall clock")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: train, lora, generate, memory")
+    p.add_argument("--mixed-batch-size", type=int, default=8, help="batch of the mixed-gates generation")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: train, lora, generate, mixed, memory")
     p.add_argument("--memory-jobs", type=int, default=0, help="memory subprocesses at once (default 2 on CPU, 1 on CUDA)")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: METHOD:PHASE, prints one JSON line
     args = p.parse_args(argv)
@@ -225,12 +230,12 @@ class Method:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def generate(self, input_ids, attention_mask, new_tokens, pad_id, streamer=None):
+    def generate(self, input_ids, attention_mask, new_tokens, pad_id, streamer=None, gates=None):
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=pad_id, streamer=streamer)
         if self.name in ("loreft", "csreft"):
             starts = torch.zeros(input_ids.shape[0], dtype=torch.long)
-            return self.model.generate(input_ids, attention_mask, prompt_starts=starts, **kw)
+            return self.model.generate(input_ids, attention_mask, prompt_starts=starts, gates=gates, **kw)
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
 
@@ -390,31 +395,56 @@ def bench_generate(args, built, pad_id, sync):
     for bs in args.gen_batch_sizes:
         ids, mask = prompt_batch(bs, args.seq_len // 2, model.config.vocab_size, pad_id, model.device)
 
-        def run(m):
-            clock = Clock()
-            sync()
-            built[m].generate(ids, mask, args.new_tokens, pad_id, streamer=clock)
-            sync()
-            assert len(clock.times) == args.new_tokens + 1, (m, len(clock.times))
-            value = {}
-            for i, suffix in ((0, ""), (1, "_cpu")):
-                t = [times[i] for times in clock.times]
-                steps = [b - a for a, b in zip(t[1:], t[2:])] or [float("nan")]
-                value[f"prefill_tokens_per_s{suffix}"] = ids.numel() / (t[1] - t[0])
-                value[f"decode_tokens_per_s{suffix}"] = bs * len(steps) / sum(steps)
-                # from the median step: what a busy machine's short stalls do not move
-                value[f"decode_median_step_tokens_per_s{suffix}"] = bs / statistics.median(steps)
-            return value
-
-        res = rounds(methods, run, args.repeats, f"generate batch {bs}")
-        entry = {"prompt_len": ids.shape[1]}
-        for metric, values in res.items():
-            entry[metric] = {m: summary(values[m]) for m in methods}
-            entry[metric.replace("tokens_per_s", "ratios")] = {
-                f"{m}/base": paired(values, m, "base") for m in methods if m != "base"
-            }
-        out[f"batch_{bs}"] = entry
+        res = rounds(methods, lambda m: timed_generate(args, built[m], ids, mask, pad_id, sync), args.repeats,
+                     f"generate batch {bs}")
+        out[f"batch_{bs}"] = generate_entry(res, methods, ids)
     return out
+
+
+def timed_generate(args, method, ids, mask, pad_id, sync, gates=None):
+    """Prefill and decode rates of one greedy run of exactly args.new_tokens tokens."""
+    clock = Clock()
+    sync()
+    method.generate(ids, mask, args.new_tokens, pad_id, streamer=clock, gates=gates)
+    sync()
+    assert len(clock.times) == args.new_tokens + 1, (method.name, len(clock.times))
+    value, bs = {}, ids.shape[0]
+    for i, suffix in ((0, ""), (1, "_cpu")):
+        t = [times[i] for times in clock.times]
+        steps = [b - a for a, b in zip(t[1:], t[2:])] or [float("nan")]
+        value[f"prefill_tokens_per_s{suffix}"] = ids.numel() / (t[1] - t[0])
+        value[f"decode_tokens_per_s{suffix}"] = bs * len(steps) / sum(steps)
+        # from the median step: what a busy machine's short stalls do not move
+        value[f"decode_median_step_tokens_per_s{suffix}"] = bs / statistics.median(steps)
+    return value
+
+
+def generate_entry(res, methods, ids):
+    """Per-metric summaries and per-round ratios against the base of rounds() results."""
+    entry = {"prompt_len": ids.shape[1]}
+    for metric, values in res.items():
+        entry[metric] = {m: summary(values[m]) for m in methods}
+        entry[metric.replace("tokens_per_s", "ratios")] = {
+            f"{m}/base": paired(values, m, "base") for m in methods if m != "base"
+        }
+    return entry
+
+
+def bench_mixed(args, built, pad_id, sync):
+    """Decoding at batch --mixed-batch-size, every csreft row with gates of its own (one skill
+    on even rows, two on odd ones) against the base: edits stay prompt-only, so the decode
+    rate should be the base's."""
+    bs, k = args.mixed_batch_size, built["csreft"].model.csreft_config.num_subspaces
+    model = built["base"].model
+    ids, mask = prompt_batch(bs, args.seq_len // 2, model.config.vocab_size, pad_id, model.device)
+    gates = torch.zeros(bs, k)
+    for i in range(bs):
+        gates[i, i % k] = 1.0
+        gates[i, (i + 1) % k] += float(i % 2)
+    res = rounds(["base", "csreft"], lambda m: timed_generate(args, built[m], ids, mask, pad_id, sync,
+                                                             gates if m == "csreft" else None),
+                 args.repeats, f"mixed-gates generate batch {bs}")
+    return {f"batch_{bs}": {**generate_entry(res, ["base", "csreft"], ids), "gates": gates.tolist()}}
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -530,7 +560,7 @@ def report(args, res):
         for m, b in t["breakdown"].items():
             lines.append(f"{m:<10} {b['context_ms']:.2f} / {b['router_ms']:.2f} / {b['edits_ms']:.2f} / "
                          f"{b['optimizer_ms']:.2f} = {b['total_ms']:.2f} ms ({100 * b['fraction_of_reference_step']:.2f}%)")
-    for key, g in res.get("generate", {}).items():
+    for key, g in [*res.get("generate", {}).items(), *(("mixed gates " + k, v) for k, v in res.get("generate_mixed", {}).items())]:
         lines.append(f"\ngenerate, {key.replace('_', ' ')}, prompt {g['prompt_len']}, {args.new_tokens} new tokens "
                      "(tokens/s: median [IQR])")
         lines.append(f"{'method':<10} {'prefill tok/s':>24} {'decode tok/s':>24} {'decode vs base':>24} "
@@ -572,6 +602,8 @@ def headline(res):
             per_batch = {k: g[f"decode_ratios{sfx}"]["csreft/base"]["median"] for k, g in res["generate"].items()}
             values["decode_ratio_by_batch"] = per_batch
             values["decode_ratio_vs_base"] = min(per_batch.values())  # the worse batch size
+        for g in res.get("generate_mixed", {}).values():
+            values["decode_ratio_mixed_vs_base"] = g[f"decode_ratios{sfx}"]["csreft/base"]["median"]
         out[clock] = values
     return out
 
@@ -606,6 +638,8 @@ def main(argv=None):
         res["train"] = bench_train(args, built, sync)
     if "generate" not in args.skip:
         res["generate"] = bench_generate(args, built, pad_id, sync)
+        if "mixed" not in args.skip:
+            res["generate_mixed"] = bench_mixed(args, built, pad_id, sync)
     res["ratios_by_clock"] = headline(res)
     res.update(res["ratios_by_clock"][args.clock])
     res["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -112,6 +112,30 @@ def base_model_config(model_name: str, base_shape: dict | None = None):
             raise SystemExit(f"csreft: base_shape {base_shape}: needs model_type and the shape fields ({bad})")
 
 
+def add_gate_options(parser: argparse.ArgumentParser) -> None:
+    """--skills / --gates: choose the adapter's subspaces instead of its router (csreft.gates)."""
+    group = parser.add_argument_group("explicit gates (instead of the router)")
+    group.add_argument("--skills", help="comma-separated skill names of the adapter to turn on, e.g. sort,upper")
+    group.add_argument("--gates", help="one number per routed subspace, e.g. 0,1,0,0; a negative gate "
+                       "removes a skill, > 1 amplifies it (write --gates=-1,0,... for a leading minus)")
+
+
+def gate_choice(args: argparse.Namespace, command: str) -> dict:
+    """The gates/skills keyword arguments the --skills/--gates flags ask for ({} for none)."""
+    if args.skills is None and args.gates is None:
+        return {}
+    if args.skills is not None and args.gates is not None:
+        raise SystemExit(f"csreft {command}: give --skills or --gates, not both")
+    if not args.adapter:
+        raise SystemExit(f"csreft {command}: --skills and --gates choose an adapter's subspaces: give --adapter")
+    from .gates import parse_gate_list
+
+    try:
+        return {"skills": args.skills} if args.skills is not None else {"gates": parse_gate_list(args.gates)}
+    except ValueError as err:
+        raise SystemExit(f"csreft {command}: {err}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .base_models import load_base
     from .generation import generate_texts
@@ -121,6 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("csreft generate: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    choice = gate_choice(args, "generate")
     model_name = args.model
     if args.adapter and model_name is None:
         meta = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
@@ -131,8 +156,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from .model import CSReftModel
 
         model = CSReftModel.from_pretrained(base, args.adapter)
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                           system=args.system, batch_size=args.batch_size)
+    try:
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                               system=args.system, batch_size=args.batch_size, **choice)
+    except ValueError as err:
+        raise SystemExit(f"csreft generate: {err}")
     for prompt, text in zip(prompts, texts):
         if len(prompts) > 1:
             print(f"### {prompt}")
@@ -164,6 +192,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "resume": "continue from the latest checkpoint in OUTPUT_DIR, or from DIR",
         "skill_routing": "add the supervised routing loss from the records' 'skill' fields",
         "save_steps": "checkpoint every N steps (0: only the final adapter)",
+        "init_adapter": "start from this adapter (e.g. a composed skill library) instead of fresh edits",
+        "train": "what to train: all (edits and router) or router (edits frozen, bit-identical)",
     }
     group = parser.add_argument_group("training")
     for name, default in DEFAULTS.items():
@@ -226,13 +256,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .data import load_records, skill_names
-    from .evaluation import evaluate_suite
-    from .suites import Suite
+    from .data import load_records
 
     records = load_records(args.data)
     for r in records:
         r["skill"] = r.get("skill") or "all"
+    choice = gate_choice(args, "eval")
     method = args.method or ("label" if all("choices" in r for r in records) else "exact")
     if method == "label" and not all("choices" in r for r in records):
         raise SystemExit(f"csreft eval: --method label needs a 'choices' list in every record of {args.data}")
@@ -247,6 +276,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from .model import CSReftModel
 
         model = CSReftModel.from_pretrained(model, args.adapter)
+    if choice:
+        from .gates import resolve_gates, steering
+
+        try:  # check the choice before any work
+            resolve_gates(choice.get("gates"), choice.get("skills"), model.skill_names,
+                          model.csreft_config.num_subspaces, 1)
+        except ValueError as err:
+            raise SystemExit(f"csreft eval: {err}")
+        with steering(model, **choice):
+            return _eval(args, model, tokenizer, records, method)
+    _eval(args, model, tokenizer, records, method)
+
+
+def _eval(args, model, tokenizer, records, method) -> None:
+    from .data import skill_names
+    from .evaluation import evaluate_suite
+    from .suites import Suite
+
     suite = Suite(name=args.data, skills=skill_names(records), train=[], test=records,
                   scoring="label" if method == "label" else "exact")
     if method == "nll":  # scoring only: no generation
@@ -276,6 +323,54 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.output).write_text(json.dumps(result, indent=2))
 
 
+def adapter_base_name(adapter: str | None, model: str | None) -> str:
+    """--model, else the base the adapter names, else the default model."""
+    if model is not None:
+        return model
+    path = Path(adapter) / "adapter_config.json" if adapter else None
+    meta = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return meta.get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    from .base_models import load_base
+    from .compose import compose_to_directory, overlap_lines
+
+    dirs = [d.strip() for d in args.adapters.split(",") if d.strip()]
+    for d in dirs:
+        if not (Path(d) / "adapter_config.json").is_file():
+            raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no adapter_config.json)")
+    base, _ = load_base(adapter_base_name(dirs[0] if dirs else None, args.model))
+    options = {k: getattr(args, k) for k in ("router_input", "gating") if getattr(args, k) is not None}
+    try:
+        model = compose_to_directory(base, dirs, args.output_dir, router=args.router, seed=args.seed, **options)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"csreft compose: {err}")
+    print(f"composed {len(dirs)} adapters into {args.output_dir}: {model.csreft_config.num_subspaces} subspaces "
+          f"at layers {model.csreft_config.layers}, rank {model.csreft_config.rank}")
+    print(f"skills: {', '.join(model.skill_names)}")
+    print("router: " + ("fresh (untrained): use --skills/--gates, or train it with "
+                        f"csreft train --init-adapter {args.output_dir} --train router" if args.router else "none"))
+    print("overlap between imported subspaces (principal angles; 90 deg = orthogonal):")
+    print("\n".join(overlap_lines(model.composition)) or "  (no layer edited by two adapters)")
+
+
+def cmd_convert_pyreft(args: argparse.Namespace) -> None:
+    from .base_models import load_base
+    from .pyreft import convert_to_directory, read_pyreft
+
+    try:
+        read_pyreft(args.src)  # a clear error before the base model loads
+        base, _ = load_base(args.model or DEFAULT_MODEL)
+        model = convert_to_directory(args.src, base, args.output_dir, positions=args.positions, skill=args.skill)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"csreft convert-pyreft: {err}")
+    c = model.csreft_config
+    print(f"converted {args.src} into {args.output_dir}: {c.intervention} at layers {c.layers}, rank {c.rank}, "
+          f"positions {c.positions} ({'shared' if c.share_positions else 'separate'} first/last weights), "
+          f"skill {model.skill_names[0]!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csreft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="system message (default: the chat template's own)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--batch-size", type=int, default=8)
+    add_gate_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     train = sub.add_parser("train", help="train edits and router on a data file")
@@ -310,7 +406,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "response NLL (default: label when every record has choices, else exact)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--output", help="write the full result (per-example correctness) as JSON")
+    add_gate_options(ev)
     ev.set_defaults(func=cmd_eval)
+
+    comp = sub.add_parser("compose", help="one CS-ReFT adapter (a skill library) from several trained adapters")
+    comp.add_argument("--adapters", required=True, help="comma-separated adapter directories (LoReFT or CS-ReFT)")
+    comp.add_argument("--output-dir", required=True, help="where the composed adapter goes (written atomically)")
+    comp.add_argument("--model", default=None, help="base model (default: the first adapter's base)")
+    comp.add_argument("--router", action=argparse.BooleanOptionalAction, default=True,
+                      help="give the library a fresh router to train with --train router (default), or none")
+    comp.add_argument("--router-input", default=None, help="the fresh router's input (CSReftConfig.router_input)")
+    comp.add_argument("--gating", default=None, help="the fresh router's gating (CSReftConfig.gating)")
+    comp.add_argument("--seed", type=int, default=0, help="seed of the fresh router")
+    comp.set_defaults(func=cmd_compose)
+
+    conv = sub.add_parser("convert-pyreft", help="a LoReFT model saved by pyreft -> a csreft adapter")
+    conv.add_argument("src", help="the directory pyreft's ReftModel.save wrote (config.json, intkey_*.bin)")
+    conv.add_argument("--output-dir", required=True, help="where the csreft adapter goes (written atomically)")
+    conv.add_argument("--model", default=None, help=f"the base model it was trained on (default: {DEFAULT_MODEL})")
+    conv.add_argument("--positions", default="f7+l7", help="the positions pyreft's training used (not saved "
+                      "in its checkpoint; default f7+l7, pyreft's LoReFT recipe)")
+    conv.add_argument("--skill", default=None, help="skill name of the edit (default: the directory's name)")
+    conv.set_defaults(func=cmd_convert_pyreft)
 
     cmp_ = sub.add_parser("compare", help="base vs LoReFT vs specialists vs CS-ReFT vs LoRA on a suite")
     add_compare_options(cmp_, {})

@@ -6,16 +6,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import encode_example, pad_batch, template_parts
+from .gates import resolve_gates
 from .model import CSReftModel
 
 
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-                   system: str | None = None, batch_size: int = 8, **generate_kwargs) -> list[str]:
+                   system: str | None = None, batch_size: int = 8, gates=None, skills=None,
+                   **generate_kwargs) -> list[str]:
     """Greedy (by default) completions for `prompts`, left-padded in batches.
 
     `model` is a CSReftModel (edits on the prompt, counted from the user's content) or any
-    transformers causal LM.
+    transformers causal LM. gates / skills (CSReftModel only, see csreft.gates): one per
+    prompt, or one for all of them.
     """
+    if gates is not None or skills is not None:
+        if not isinstance(model, CSReftModel):
+            raise ValueError("gates and skills need a CSReftModel (an adapter)")
+        gates = resolve_gates(gates, skills, model.skill_names, model.csreft_config.num_subspaces, len(prompts))
     parts = template_parts(tokenizer, system)
     encoded = [encode_example(tokenizer, p, parts=parts) for p in prompts]
     generate_kwargs.setdefault("do_sample", False)
@@ -29,6 +36,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
                       max_new_tokens=max_new_tokens, pad_token_id=pad_id, **generate_kwargs)
         if isinstance(model, CSReftModel):
             kwargs["prompt_starts"] = batch["prompt_starts"]
+            if gates is not None:
+                kwargs["gates"] = gates[i:i + batch_size]
         with torch.no_grad():
             out = model.generate(**kwargs)
         width = batch["input_ids"].shape[1]

@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 from .base_models import find_decoder_layers, model_identity
 from .config import CSReftConfig
 from .edits import SubspaceEdits
+from .gates import resolve_gates, subspace_names
 from .router import Router, balance_loss, routing_loss, sparsity_loss
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -150,6 +151,8 @@ class CSReftModel(nn.Module):
         self._route_first = config.use_router and router_layer > config.layers[0]
         self._ctx: _Context | None = None
         self._recompute_ctx: _Context | None = None
+        self.skill_names: list[str] | None = None  # skill of each routed subspace (csreft.gates)
+        self.default_gates: torch.Tensor | None = None  # set by csreft.gates.steering
         self._hooks = [
             layers[router_layer if config.use_router else config.layers[0]].register_forward_pre_hook(
                 self._route_hook, with_kwargs=True),
@@ -273,6 +276,8 @@ class CSReftModel(nn.Module):
         skill_labels: torch.Tensor | None = None,
         full_logits: bool = True,
         logits_at: torch.Tensor | None = None,
+        gates=None,
+        skills=None,
         **kwargs,
     ) -> CSReftOutput:
         """Edited forward pass. labels (B, L) as in transformers (-100 = ignore, unshifted).
@@ -286,13 +291,16 @@ class CSReftModel(nn.Module):
         A 4D attention_mask (B, 1, L, L) goes to the base as is (e.g. several candidate
         responses packed after one prompt); prompt spans then count from each row's start
         (rows right-padded), so pass prompt_lengths.
+        gates (B, k) or (k,) / skills (names) replace the router for this call (csreft.gates);
+        no router loss is computed then and .probs is None.
         """
         if logits_at is not None and labels is not None:
             raise ValueError("logits_at and labels cannot be combined: logits_at computes no loss")
         padding = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
         self._ctx = self._context(input_ids, padding, prompt_starts, prompt_lengths, labels)
+        self._ctx.gates = self._explicit_gates(gates, skills, input_ids)
         try:
-            if self._route_first:
+            if self._route_first and self._ctx.gates is None:
                 self._route_before(self._ctx, input_ids, attention_mask)
             with parametrize.cached():  # each orthonormal basis is computed once per pass
                 logits, token_losses = self._logits(input_ids, attention_mask, labels, full_logits, logits_at, kwargs)
@@ -310,7 +318,7 @@ class CSReftModel(nn.Module):
                            token_losses=token_losses)
         if task is not None:
             out.loss = task
-            if self.router is not None:
+            if self.router is not None and ctx.probs is not None:
                 cfg = self.csreft_config
                 out.sparsity_loss = sparsity_loss(ctx.probs)
                 out.balance_loss = balance_loss(ctx.probs)
@@ -337,8 +345,12 @@ class CSReftModel(nn.Module):
         return None, F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none")
 
     @torch.no_grad()
-    def route(self, input_ids, attention_mask=None, prompt_starts=None, prompt_lengths=None):
-        """Gates (B, k) for a batch of prompts; runs the base only up to the first edited layer."""
+    def route(self, input_ids, attention_mask=None, prompt_starts=None, prompt_lengths=None, gates=None, skills=None):
+        """Gates (B, k) for a batch of prompts; runs the base only up to the first edited layer.
+        With gates or skills: those gates (B, k), nothing runs."""
+        explicit = self._explicit_gates(gates, skills, input_ids)
+        if explicit is not None:
+            return explicit
         self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
         try:
             self.base_model(input_ids=input_ids, attention_mask=attention_mask)
@@ -348,14 +360,17 @@ class CSReftModel(nn.Module):
         return ctx.gates
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, prompt_starts=None, **generate_kwargs):
+    def generate(self, input_ids, attention_mask=None, prompt_starts=None, gates=None, skills=None,
+                 **generate_kwargs):
         """Generate with the edits applied to the prompt during prefill (batch may be left-padded).
 
         prompt_starts index each unpadded row (default 0); the prompt ends at the row's end.
+        gates / skills: as in forward (per row or for the whole batch).
         """
         self._ctx = self._context(input_ids, attention_mask, prompt_starts, None, None, once=True)
+        self._ctx.gates = self._explicit_gates(gates, skills, input_ids)
         try:
-            if self._route_first:
+            if self._route_first and self._ctx.gates is None:
                 self._route_before(self._ctx, input_ids, attention_mask)
             with parametrize.cached():
                 return self.base_model.generate(
@@ -364,9 +379,18 @@ class CSReftModel(nn.Module):
         finally:
             self._ctx = None
 
+    def _explicit_gates(self, gates, skills, input_ids) -> torch.Tensor | None:
+        """(B, k) gates that replace the router for this call, or None (see csreft.gates)."""
+        if gates is None and skills is None:
+            gates = self.default_gates
+            if gates is None:
+                return None
+        k = self.csreft_config.num_subspaces
+        return resolve_gates(gates, skills, self.skill_names, k, input_ids.shape[0]).to(input_ids.device)
+
     def trainable_parameters(self) -> dict:
         """Counts of trainable numbers: edits, router, total, and percent of the base model."""
-        edits = sum(p.numel() for p in self.edits.parameters())
+        edits = sum(p.numel() for p in self.edits.parameters() if p.requires_grad)  # frozen: --train router
         router = sum(p.numel() for p in self.router.parameters()) if self.router is not None else 0
         base = sum(p.numel() for p in self.base_model.parameters())
         return {
@@ -449,7 +473,16 @@ class CSReftModel(nn.Module):
                 warnings.warn(f"{directory}: adapter base {key}={saved[key]!r}, this base has {here[key]!r}")
         model = cls(base_model, config)
         model.load_adapter_weights(directory)
+        model.skill_names = subspace_names(meta.get("metadata") or {}, config.num_subspaces)
         return model.eval()
+
+    @classmethod
+    def from_adapters(cls, base_model: nn.Module, directories, **options) -> "CSReftModel":
+        """One model from separately trained adapters, each imported as subspaces of its own
+        (a skill library); see csreft.compose.compose_adapters for the options."""
+        from .compose import compose_adapters
+
+        return compose_adapters(base_model, directories, **options)
 
     def remove_hooks(self) -> nn.Module:
         """Detach the edits and return the untouched base model."""

@@ -51,7 +51,11 @@ DEFAULTS = {
     "max_length": 512,
     "skill_routing": False,  # supervised routing loss from the records' skills
     "max_examples": None,
+    "init_adapter": None,  # start from a saved adapter (e.g. a composed skill library)
+    "train": "all",  # "all": edits and router; "router": the router alone, edits frozen
 }
+# config fields that --init-adapter lets a run change: they shape no parameter
+INIT_OVERRIDABLE = ("sparsity_weight", "balance_weight", "routing_loss_weight", "gating", "threshold", "top_k")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -322,24 +326,35 @@ def build(options: dict, callbacks: list | None = None) -> TrainingRun:
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if not opts["data"]:
         raise ValueError("no training data: give --data FILE (JSON or JSONL) or a dataset name")
-    config = CSReftConfig(**{k: v for k, v in opts.items() if k in CSReftConfig.__dataclass_fields__})
+    if opts["train"] not in ("all", "router"):
+        raise ValueError(f"--train {opts['train']!r}: expected 'all' (edits and router) or 'router'")
+    if opts["init_adapter"]:
+        config = None  # the adapter's own (see _init_model)
+    else:
+        config = CSReftConfig(**{k: v for k, v in opts.items() if k in CSReftConfig.__dataclass_fields__})
     resume = resolve_resume(opts["resume"], opts["output_dir"])
 
     records = load_records(opts["data"])
     if opts["max_examples"]:
         records = records[: opts["max_examples"]]
     skills = skill_names(records)
-    if opts["skill_routing"]:
-        if not skills:
-            raise ValueError(f"--skill-routing: no record in {opts['data']} has a 'skill' field")
-        if len(skills) > config.num_subspaces:
-            raise ValueError(
-                f"--skill-routing: {len(skills)} skills ({', '.join(skills)}) but num_subspaces="
-                f"{config.num_subspaces}; each skill needs its own subspace"
-            )
+    if opts["skill_routing"] and not skills:
+        raise ValueError(f"--skill-routing: no record in {opts['data']} has a 'skill' field")
+    if config is not None:
+        _check_skill_count(opts, skills, config)
     base, tokenizer = load_base(opts["model"] or DEFAULT_MODEL)
     set_seed(opts["seed"])  # the adapter's initial values depend on the seed only
-    model = get_csreft_model(base, config)
+    metadata = {}
+    if opts["init_adapter"]:
+        model, metadata, skills = _init_model(base, opts, options, records, skills)
+        config = model.csreft_config
+        _check_skill_count(opts, skills, config)
+    else:
+        model = get_csreft_model(base, config)
+    if opts["train"] == "router":
+        if model.router is None:
+            raise ValueError("--train router: this adapter has no router (use_router=False)")
+        model.edits.requires_grad_(False)
     train_set = SupervisedDataset(records, tokenizer, opts["max_length"], skills)
     eval_set = None
     if opts["eval_data"]:
@@ -351,9 +366,44 @@ def build(options: dict, callbacks: list | None = None) -> TrainingRun:
         eval_dataset=eval_set,
         data_collator=Collator(tokenizer.pad_token_id, with_skills=opts["skill_routing"]),
         callbacks=[JsonlLogger(Path(opts["output_dir"]) / "log.jsonl"), *(callbacks or [])],
-        adapter_metadata={"skills": skills, "skill_routing": opts["skill_routing"]},
+        adapter_metadata={**metadata, "skills": skills,
+                          "skill_routing": opts["skill_routing"] or bool(metadata.get("skill_routing"))},
     )
     return TrainingRun(trainer, model, tokenizer, train_set, eval_set, config, opts, skills, resume)
+
+
+def _check_skill_count(opts: dict, skills: list[str], config: CSReftConfig) -> None:
+    if opts["skill_routing"] and len(skills) > config.num_subspaces:
+        raise ValueError(
+            f"--skill-routing: {len(skills)} skills ({', '.join(skills)}) but num_subspaces="
+            f"{config.num_subspaces}; each skill needs its own subspace"
+        )
+
+
+def _init_model(base, opts: dict, options: dict, records: list[dict], skills: list[str]):
+    """(model, its metadata, skill list) from opts["init_adapter"]; only the config fields in
+    INIT_OVERRIDABLE may be changed by the run's options."""
+    directory = Path(opts["init_adapter"])
+    model = CSReftModel.from_pretrained(base, directory).train()
+    meta = json.loads((directory / "adapter_config.json").read_text()).get("metadata") or {}
+    given = {k: v for k, v in options.items() if v is not None and k in CSReftConfig.__dataclass_fields__}
+    fixed = sorted(set(given) - set(INIT_OVERRIDABLE))
+    if fixed:
+        raise ValueError(f"--init-adapter {directory}: {', '.join(fixed)} come(s) from the adapter; only "
+                         f"{', '.join(INIT_OVERRIDABLE)} may be changed")
+    for name, value in given.items():
+        setattr(model.csreft_config, name, value)
+        if model.router is not None and hasattr(model.router, name):
+            setattr(model.router, name, value)
+    model.csreft_config.validate()
+    if model.skill_names is not None:
+        if opts["skill_routing"]:
+            unknown = sorted({r["skill"] for r in records if r.get("skill")} - set(model.skill_names))
+            if unknown:
+                raise ValueError(f"--skill-routing: skill(s) {unknown} of {opts['data']} are not among the "
+                                 f"adapter's skills ({', '.join(model.skill_names)})")
+        skills = list(model.skill_names)
+    return model, {**meta, "init_adapter": str(directory)}, skills
 
 
 def fit(run: TrainingRun) -> dict:

@@ -12,7 +12,7 @@ import torch
 SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 KEYS = (
     "train_ratio_vs_reference", "train_ratio_vs_loreft", "decode_ratio_vs_base",
-    "memory_ratio_vs_base", "memory_ratio_generate_vs_base",
+    "memory_ratio_vs_base", "memory_ratio_generate_vs_base", "decode_ratio_mixed_vs_base",
 )
 
 
@@ -51,5 +51,6 @@ def test_speed_benchmark_writes_its_keys(tmp_path, monkeypatch):
         assert result[key] > 0, key
     assert set(result["train"]["seconds"]) == {"reference", "loreft", "csreft", "lora"}
     assert set(result["generate"]) == {"batch_1", "batch_2"}
+    assert set(result["generate_mixed"]) == {"batch_8"}
     assert set(result["memory"]["train"]) == {"reference", "loreft", "csreft", "lora"}
     assert result["train"]["breakdown"]["csreft"]["total_ms"] > 0
