@@ -440,7 +440,12 @@ def compare(opts: CompareOptions) -> dict:
                   "model": opts.model or DEFAULT_MODEL}
 
     def key_for(m: Method, lr, seed, steps, split):
-        cfg = None if m.kind == "base" else (configs["csreft"] if m.kind.startswith("lora") else runner.config(m)).to_dict()
+        if m.kind == "base":
+            cfg = None
+        elif m.kind.startswith("lora"):  # a LoRA run depends on its rank alone
+            cfg = {"lora_rank": lora_rank_for(runner.base, runner.lora_target(m.kind))}
+        else:
+            cfg = runner.config(m).to_dict()
         return {**shared_key, "method": m.label, "config": cfg, "lr": lr, "seed": seed, "steps": steps,
                 "split": split, "specialist_batch_size": opts.specialist_batch_size if m.kind == "specialists" else None}
 
