@@ -123,10 +123,23 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     return [normalize_record(r, source, i + 1) for i, r in enumerate(raw)]
 
 
+def read_text(path) -> str:
+    """A text file's contents; a file that is not UTF-8 is a DataError naming it."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def _read_json_records(path) -> list:
     import json
 
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".jsonl":
         records = []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -135,11 +148,15 @@ def _read_json_records(path) -> list:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from err
+                except RecursionError:
+                    raise DataError(f"{path}: line {line_no}: JSON nested too deeply") from None
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg})") from err
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
