@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 from transformers.utils import ModelOutput
 
 from .base_models import find_decoder_layers, model_identity
+from .checks import check_forward_inputs, check_spans
 from .config import CSReftConfig
 from .edits import SubspaceEdits
 from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, check_against, check_orthonormal,
@@ -239,13 +240,7 @@ class CSReftModel(nn.Module):
             ends = torch.where(has.any(1), has.long().argmax(1), offset + n_real)
         else:
             ends = offset + n_real
-        if starts.device.type == "cpu" and bool((starts >= ends).any()):
-            b = int((starts >= ends).nonzero()[0, 0])
-            raise ValueError(
-                f"example {b}: the prompt span is empty (start {int(starts[b] - offset[b])} >= "
-                f"end {int(ends[b] - offset[b])} in the unpadded sequence); check prompt_starts "
-                "and prompt_lengths"
-            )
+        check_spans(starts - offset, ends - offset, n_real)  # no clamping of a span out of range
         groups = [edit_positions(seg, starts, ends, seq_len) for seg in self.csreft_config.position_groups]
         return _Context(groups, starts, ends, seq_len, **kw)
 
@@ -285,6 +280,7 @@ class CSReftModel(nn.Module):
         """
         if logits_at is not None and labels is not None:
             raise ValueError("logits_at and labels cannot be combined: logits_at computes no loss")
+        check_forward_inputs(self.base_model, input_ids, attention_mask, labels, kwargs)
         padding = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
         self._ctx = self._context(input_ids, padding, prompt_starts, prompt_lengths, labels)
         try:
