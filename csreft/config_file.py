@@ -113,7 +113,7 @@ def _coerce(action, name: str, value, where: str):
         raise bad("an integer")
     try:
         result = kind(int(value) if kind is int and isinstance(value, float) else value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+    except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as err:
         raise bad(_describe(action)) from err
     if action.choices is not None and result not in action.choices:
         raise bad(f"one of {', '.join(map(str, action.choices))}")

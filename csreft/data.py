@@ -178,6 +178,7 @@ def normalize_record(record, source: str, number: int) -> dict:
             raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
         if not allow_empty and not value.strip():
             raise DataError(f"{where}: field {name!r} is empty")
+        _unicode(value, where, name)
         return value
 
     if not isinstance(record, dict):
@@ -204,10 +205,20 @@ def normalize_record(record, source: str, number: int) -> dict:
         choices = record["choices"]
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise DataError(f"{where}: field 'choices' must be a list of at least two strings")
+        for c in choices:
+            _unicode(c, where, "choices")
         if response not in choices:
             raise DataError(f"{where}: field 'choices' must contain the response {response!r}")
         out["choices"] = choices
     return out
+
+
+def _unicode(value: str, where: str, name: str) -> None:
+    """Refuse text no tokenizer can encode (lone surrogates from \\ud800-style escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: field {name!r} is not valid Unicode ({err.reason} at character {err.start})") from None
 
 
 def _chat_turn(messages, where: str) -> tuple[str, str, str | None]:
@@ -221,6 +232,7 @@ def _chat_turn(messages, where: str) -> tuple[str, str, str | None]:
     for role, content in zip(roles, contents):
         if not isinstance(content, str) or not content.strip():
             raise DataError(f"{where}: field 'messages' has an empty or non-string {role} content")
+        _unicode(content, where, "messages")
     return contents[-2], contents[-1], contents[0] if len(contents) == 3 else None
 
 
