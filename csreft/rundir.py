@@ -152,8 +152,12 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(Path(path).name.split("-")[-1])
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """N of checkpoint-N; for a checkpoint under another name, the step it records."""
+    tail = Path(path).name.split("-")[-1]
+    if tail.isdigit():
+        return int(tail)
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["global_step"])
 
 
 def claim(output_dir: str, resume: str | None, overwrite: bool) -> None:

@@ -120,6 +120,9 @@ def test_resume_at_the_last_step_trains_nothing_and_keeps_the_adapter(tmp_path, 
     assert adapter.read_bytes() == before
     message = one_line_error(train_argv(tmp_path, tiny_model_dir, max_steps=2, save_steps=2) + ["--resume"])
     assert "at step 4, past this run's last step 2" in message
+    shutil.copytree(tmp_path / "out" / "checkpoint-4", tmp_path / "kept")  # a checkpoint under another name
+    main(argv + ["--resume", str(tmp_path / "kept")])
+    assert "nothing left to train" in capsys.readouterr().out and adapter.read_bytes() == before
 
 
 @pytest.mark.parametrize("damage,problem", [

@@ -215,6 +215,7 @@ def edit_json(meta, where, key, value, drop):
         target[key] = value
 
 
+@pytest.mark.filterwarnings("ignore:.*adapter base")
 def test_fuzz_adapter_files(tmp_path, saved_adapter):
     seen = Counter()
     base = tiny_llama()
