@@ -87,8 +87,11 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __del__(self):
-        self.release()
+    def __del__(self):  # a run dropped without fit(); the process's exit would also do
+        try:
+            self.release()
+        except Exception:
+            pass
 
 
 def _read_holder(fd: int) -> str:
