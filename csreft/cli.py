@@ -32,33 +32,42 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None)
 
 
-def read_options_file(path: str | None) -> dict:
-    """Options from a YAML/JSON file (keys as flag names, '-' or '_')."""
-    if not path:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"csreft: --config {path}: no such file")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+def read_options_file(path: str | None, command: str = "train") -> dict:
+    """Options from a YAML/JSON file, each checked by `csreft COMMAND`'s own flag."""
+    from . import config_file
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError, with line numbers
-        raise SystemExit(f"csreft: --config {path}: cannot parse: {err}")
-    if not isinstance(data, dict):
-        raise SystemExit(f"csreft: --config {path}: expected a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return config_file.read_options_file(path, command_parser(command))
 
 
 def merged_options(args: argparse.Namespace) -> dict:
-    """File options, overridden by every flag given on the command line."""
+    """File options, overridden by every flag given on the command line. A file is a training
+    recipe (checked by `csreft train`'s flags) for `info` too."""
     opts = read_options_file(getattr(args, "config", None))
-    opts.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug")})
     return opts
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of one subcommand (`train`, `info`, ...)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not valid: an integer >= 1")
+    return value
+
+
+def adapter_base(adapter: str | None) -> str:
+    """The base model an adapter was trained on (its adapter_config.json), else the default."""
+    from .integrity import read_adapter_config
+
+    meta = read_adapter_config(adapter) if adapter else {}
+    base = meta.get("base_model")
+    return (base.get("name_or_path") if isinstance(base, dict) else None) or DEFAULT_MODEL
 
 
 def config_from_options(opts: dict) -> CSReftConfig:
@@ -140,17 +149,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .base_models import load_base
     from .generation import generate_texts
 
+    from .data import read_text
+
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts += [line for line in read_text(args.prompts_file).splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("csreft generate: give --prompt TEXT (repeatable) or --prompts-file FILE")
     choice = gate_choice(args, "generate")
-    model_name = args.model
-    if args.adapter and model_name is None:
-        meta = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
-        model_name = meta.get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
-    base, tokenizer = load_base(model_name or DEFAULT_MODEL)
+    base, tokenizer = load_base(args.model or adapter_base(args.adapter))
     model = base
     if args.adapter:
         from .model import CSReftModel
@@ -173,10 +180,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     opts = merged_options(args)
     for key in ("func", "command", "base_shape"):  # base_shape is for `csreft info` only
         opts.pop(key, None)
-    try:
-        run(opts)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"csreft train: {err}")
+    run(opts)
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +193,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "eval_data": "evaluation data, same formats",
         "output_dir": "where checkpoints, logs and OUTPUT_DIR/adapter go",
         "warmup": "warmup steps, or a fraction (< 1) of all steps",
-        "resume": "continue from the latest checkpoint in OUTPUT_DIR, or from DIR",
+        "resume": "continue from the latest checkpoint in OUTPUT_DIR, or from DIR (it must be this run's)",
+        "overwrite": "replace the checkpoints and adapter of an earlier run in OUTPUT_DIR",
         "skill_routing": "add the supervised routing loss from the records' 'skill' fields",
         "save_steps": "checkpoint every N steps (0: only the final adapter)",
         "init_adapter": "start from this adapter (e.g. a composed skill library) instead of fresh edits",
@@ -265,13 +270,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     method = args.method or ("label" if all("choices" in r for r in records) else "exact")
     if method == "label" and not all("choices" in r for r in records):
         raise SystemExit(f"csreft eval: --method label needs a 'choices' list in every record of {args.data}")
-    base_name = args.model
-    if base_name is None:
-        meta = json.loads((Path(args.adapter) / "adapter_config.json").read_text()) if args.adapter else {}
-        base_name = meta.get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
     from .base_models import load_base
 
-    model, tokenizer = load_base(base_name)
+    model, tokenizer = load_base(args.model or adapter_base(args.adapter))
     if args.adapter:
         from .model import CSReftModel
 
@@ -323,15 +324,6 @@ def _eval(args, model, tokenizer, records, method) -> None:
         Path(args.output).write_text(json.dumps(result, indent=2))
 
 
-def adapter_base_name(adapter: str | None, model: str | None) -> str:
-    """--model, else the base the adapter names, else the default model."""
-    if model is not None:
-        return model
-    path = Path(adapter) / "adapter_config.json" if adapter else None
-    meta = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    return meta.get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
-
-
 def cmd_compose(args: argparse.Namespace) -> None:
     from .base_models import load_base
     from .compose import compose_to_directory, overlap_lines
@@ -340,7 +332,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
     for d in dirs:
         if not (Path(d) / "adapter_config.json").is_file():
             raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no adapter_config.json)")
-    base, _ = load_base(adapter_base_name(dirs[0] if dirs else None, args.model))
+    base, _ = load_base(args.model or adapter_base(dirs[0] if dirs else None))
     options = {k: getattr(args, k) for k in ("router_input", "gating") if getattr(args, k) is not None}
     try:
         model = compose_to_directory(base, dirs, args.output_dir, router=args.router, seed=args.seed, **options)
@@ -373,6 +365,7 @@ def cmd_convert_pyreft(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csreft", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="configuration and trainable-parameter table (no weights loaded)")
@@ -387,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="base model (default: the adapter's base, "
                      f"else {DEFAULT_MODEL})")
     gen.add_argument("--system", help="system message (default: the chat template's own)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
+    gen.add_argument("--batch-size", type=positive_int, default=8)
     add_gate_options(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -404,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", choices=("exact", "label", "nll"), default=None,
                     help="exact match of greedy output, label log-likelihood over 'choices', or "
                     "response NLL (default: label when every record has choices, else exact)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=positive_int, default=8)
     ev.add_argument("--output", help="write the full result (per-example correctness) as JSON")
     add_gate_options(ev)
     ev.set_defaults(func=cmd_eval)
@@ -440,12 +433,40 @@ def build_parser() -> argparse.ArgumentParser:
     from .instruct_cli import add_instruct_parsers  # generate-eval, judge, response-nll, data prep
 
     add_instruct_parsers(sub)
+    for command in sub.choices.values():  # --debug after the subcommand too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; an error becomes one line on stderr and exit status 1 (130 when
+    interrupted), with the traceback only under --debug."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"csreft {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if args.debug:
+            raise
+        raise SystemExit(f"csreft {args.command}: {error_line(err)}") from None
+
+
+def error_line(err: Exception) -> str:
+    """One line naming the problem; errors we do not expect say so."""
+    from .suites import SuiteUnavailable
+    from .train import NonFiniteLossError
+
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    elif isinstance(err, (ValueError, OSError, NonFiniteLossError, SuiteUnavailable, ImportError)):
+        text = str(err)
+    else:
+        text = f"unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)"
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -123,10 +123,23 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     return [normalize_record(r, source, i + 1) for i, r in enumerate(raw)]
 
 
+def read_text(path) -> str:
+    """A text file's contents; a file that is not UTF-8 is a DataError naming it."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def _read_json_records(path) -> list:
     import json
 
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".jsonl":
         records = []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -135,11 +148,15 @@ def _read_json_records(path) -> list:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from err
+                except RecursionError:
+                    raise DataError(f"{path}: line {line_no}: JSON nested too deeply") from None
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg})") from err
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -161,6 +178,7 @@ def normalize_record(record, source: str, number: int) -> dict:
             raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
         if not allow_empty and not value.strip():
             raise DataError(f"{where}: field {name!r} is empty")
+        _unicode(value, where, name)
         return value
 
     if not isinstance(record, dict):
@@ -187,10 +205,20 @@ def normalize_record(record, source: str, number: int) -> dict:
         choices = record["choices"]
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise DataError(f"{where}: field 'choices' must be a list of at least two strings")
+        for c in choices:
+            _unicode(c, where, "choices")
         if response not in choices:
             raise DataError(f"{where}: field 'choices' must contain the response {response!r}")
         out["choices"] = choices
     return out
+
+
+def _unicode(value: str, where: str, name: str) -> None:
+    """Refuse text no tokenizer can encode (lone surrogates from \\ud800-style escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: field {name!r} is not valid Unicode ({err.reason} at character {err.start})") from None
 
 
 def _chat_turn(messages, where: str) -> tuple[str, str, str | None]:
@@ -204,6 +232,7 @@ def _chat_turn(messages, where: str) -> tuple[str, str, str | None]:
     for role, content in zip(roles, contents):
         if not isinstance(content, str) or not content.strip():
             raise DataError(f"{where}: field 'messages' has an empty or non-string {role} content")
+        _unicode(content, where, "messages")
     return contents[-2], contents[-1], contents[0] if len(contents) == 3 else None
 
 

@@ -18,27 +18,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers.utils import ModelOutput
 
 from .base_models import find_decoder_layers, model_identity
+from .checks import check_forward_inputs, check_spans
 from .config import CSReftConfig
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
+from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, check_against, check_orthonormal,
+                        read_adapter_config, read_weights, write_weights)
 from .router import Router, balance_loss, routing_loss, sparsity_loss
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -246,13 +243,7 @@ class CSReftModel(nn.Module):
             ends = torch.where(has.any(1), has.long().argmax(1), offset + n_real)
         else:
             ends = offset + n_real
-        if starts.device.type == "cpu" and bool((starts >= ends).any()):
-            b = int((starts >= ends).nonzero()[0, 0])
-            raise ValueError(
-                f"example {b}: the prompt span is empty (start {int(starts[b] - offset[b])} >= "
-                f"end {int(ends[b] - offset[b])} in the unpadded sequence); check prompt_starts "
-                "and prompt_lengths"
-            )
+        check_spans(starts - offset, ends - offset, n_real)  # no clamping of a span out of range
         groups = [edit_positions(seg, starts, ends, seq_len) for seg in self.csreft_config.position_groups]
         return _Context(groups, starts, ends, seq_len, **kw)
 
@@ -296,6 +287,7 @@ class CSReftModel(nn.Module):
         """
         if logits_at is not None and labels is not None:
             raise ValueError("logits_at and labels cannot be combined: logits_at computes no loss")
+        check_forward_inputs(self.base_model, input_ids, attention_mask, labels, kwargs)
         padding = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
         self._ctx = self._context(input_ids, padding, prompt_starts, prompt_lengths, labels)
         self._ctx.gates = self._explicit_gates(gates, skills, input_ids)
@@ -420,48 +412,47 @@ class CSReftModel(nn.Module):
         atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata))
 
     def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
-        """Write the adapter files into an existing directory (not atomic by itself)."""
+        """Write the adapter files into an existing directory (not atomic by itself); the
+        config records the sha256 of the weights file."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
         meta = {
             "csreft_config": self.csreft_config.to_dict(),
             "base_model": model_identity(self.base_model),
             "metadata": metadata or {},
+            "weights_sha256": write_weights(Path(directory) / ADAPTER_WEIGHTS, state),
         }
-        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(state, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (Path(directory) / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
-        """Load adapter tensors saved by write_adapter into this model; checks names and shapes."""
-        weights_path = Path(directory) / ADAPTER_WEIGHTS
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path}: missing; is {directory} a csreft adapter directory?")
-        state = load_file(weights_path)
-        expected = self.adapter_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(
-                    f"{weights_path}: tensor {key} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(expected[key].shape)}"
-                )
+        """Load adapter tensors saved by write_adapter into this model, after checking them:
+        the checksum (adapters saved before checksums: none), names, shapes, kinds of dtype,
+        finite values and orthonormal bases. On a failure the model keeps its weights."""
+        checksum = read_adapter_config(directory).get("weights_sha256")
+        state = read_weights(directory, checksum)
+        check_against(state, self.adapter_state_dict(), Path(directory) / ADAPTER_WEIGHTS)
+        before = {k: v.clone() for k, v in self.adapter_state_dict().items()}
         self.load_state_dict(state, strict=False)
+        try:
+            check_orthonormal(self.edits, Path(directory) / ADAPTER_WEIGHTS)
+        except ValueError:
+            self.load_state_dict(before, strict=False)
+            raise
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> "CSReftModel":
-        """Attach a saved adapter to `base_model`; checks the base identity and all shapes."""
+        """Attach a saved adapter to `base_model`; checks the base identity and verifies the
+        weights (see load_adapter_weights)."""
         directory = Path(directory)
-        cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-        for path in (cfg_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing; is {directory} a csreft adapter directory?")
+        meta = read_adapter_config(directory)
+        if not (directory / ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{directory / ADAPTER_WEIGHTS}: missing; is {directory} a csreft adapter directory?")
         try:
-            meta = json.loads(cfg_path.read_text())
             config = CSReftConfig.from_dict(meta["csreft_config"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{cfg_path}: not a valid csreft adapter config: {err}") from err
-        saved, here = meta.get("base_model", {}), model_identity(base_model)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{directory / ADAPTER_CONFIG}: not a valid csreft adapter config: {err}") from err
+        saved, here = meta.get("base_model"), model_identity(base_model)
+        if not isinstance(saved, dict):
+            saved = {}
         for key in ("hidden_size", "num_hidden_layers"):
             if saved.get(key) is not None and saved[key] != here[key]:
                 raise ValueError(
@@ -471,8 +462,15 @@ class CSReftModel(nn.Module):
         for key in ("model_type", "vocab_size"):
             if saved.get(key) is not None and saved[key] != here[key]:
                 warnings.warn(f"{directory}: adapter base {key}={saved[key]!r}, this base has {here[key]!r}")
-        model = cls(base_model, config)
-        model.load_adapter_weights(directory)
+        try:
+            model = cls(base_model, config)
+        except ValueError as err:  # e.g. layers beyond this base's depth
+            raise ValueError(f"{directory / ADAPTER_CONFIG}: {err}") from err
+        try:
+            model.load_adapter_weights(directory)
+        except Exception:
+            model.remove_hooks()  # leave the base as it was
+            raise
         model.skill_names = subspace_names(meta.get("metadata") or {}, config.num_subspaces)
         return model.eval()
 
@@ -503,24 +501,3 @@ class CSReftModel(nn.Module):
 def get_csreft_model(base_model: nn.Module, config: CSReftConfig) -> CSReftModel:
     """Freeze `base_model` and attach k routed subspace edits as described by `config`."""
     return CSReftModel(base_model, config)
-
-
-def atomic_directory(directory: str | os.PathLike, write) -> None:
-    """Call write(tmp_dir), then put tmp_dir in place of `directory` by renames.
-
-    A failure inside write() leaves any existing `directory` as it was.
-    """
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

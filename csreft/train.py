@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import SchedulerType, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from .config import CSReftConfig
 from .data import Collator, SupervisedDataset, load_records, skill_names
 from .model import CSReftModel, get_csreft_model
+from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, checkpoints, claim,
+                     describe_checkpoint, fingerprint, is_main_process, resolve_resume, trim_log, verify_checkpoint)
 from .routing import routing_nmi
 
 # Options of the training recipe and their defaults (CLI flags use dashes).
@@ -48,6 +49,7 @@ DEFAULTS = {
     "save_steps": 0,  # 0: no intermediate checkpoints
     "save_total_limit": 2,
     "resume": None,  # "latest" or a checkpoint directory
+    "overwrite": False,  # replace another run's checkpoints and adapter in output_dir
     "max_length": 512,
     "skill_routing": False,  # supervised routing loss from the records' skills
     "max_examples": None,
@@ -169,11 +171,11 @@ class CSReftTrainer(OrderedTrainer):
         self._set_progress(self.state.global_step / max(self.state.max_steps - 1, 1))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            found = checkpoints(self.args.output_dir)
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}; training "
-                f"stopped. Last good checkpoint: {last or 'none'} (intact). Try a lower learning "
-                "rate, bf16 off, or check the data."
+                f"stopped. Last checkpoint: {describe_checkpoint(str(found[-1]) if found else None)}. "
+                "Try a lower learning rate, bf16 off, or check the data."
             )
         return loss
 
@@ -181,7 +183,8 @@ class CSReftTrainer(OrderedTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            self.accelerator.unwrap_model(self.model).write_adapter(output_dir, self.adapter_metadata)
+            metadata = {**self.adapter_metadata, "step": self.state.global_step}
+            self.accelerator.unwrap_model(self.model).write_adapter(output_dir, metadata)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         (model or self.accelerator.unwrap_model(self.model)).load_adapter_weights(resume_from_checkpoint)
@@ -206,15 +209,16 @@ class CSReftTrainer(OrderedTrainer):
                 shutil.rmtree(target)
             os.replace(os.path.join(staging, name), target)
             shutil.rmtree(staging, ignore_errors=True)
-            self._rotate_checkpoints_in(run_dir)
+            self._rotate_checkpoints_in(run_dir, target)
         self.accelerator.wait_for_everyone()
 
-    def _rotate_checkpoints_in(self, run_dir: str) -> None:
+    def _rotate_checkpoints_in(self, run_dir: str, current: str) -> None:
+        """Keep the newest save_total_limit checkpoints, never deleting the one just written."""
         limit = self.args.save_total_limit
         if not limit:
             return
-        found = sorted(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        for old in found[:-limit]:
+        others = [p for p in checkpoints(run_dir) if str(p) != str(current)]
+        for old in others[: max(len(others) - (limit - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -287,18 +291,36 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """"latest" -> newest OUTPUT_DIR/checkpoint-N (error if none); a path -> itself."""
-    if not resume:
-        return None
-    if resume == "latest":
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint-N directory in {output_dir}")
-        return last
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
-    return resume
+def _check(opts: dict, name: str, ok, allowed: str, kind=(int, float)) -> None:
+    value = opts[name]
+    fine = isinstance(value, kind) and not isinstance(value, bool)
+    if fine and isinstance(value, float):
+        fine = math.isfinite(value)
+    if not (fine and ok(value)):
+        raise ValueError(f"--{name.replace('_', '-')} {value!r} is not valid: {allowed}")
+
+
+def validate_options(opts: dict) -> None:
+    """Refuse training options that cannot mean anything (ValueError naming option, value and
+    what is allowed); CSReftConfig checks its own fields."""
+    for name in ("batch_size", "grad_accum", "logging_steps"):
+        _check(opts, name, lambda v: v >= 1, "an integer >= 1", int)
+    _check(opts, "max_steps", lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 (train for --epochs)", int)
+    _check(opts, "epochs", lambda v: v > 0, "a number > 0")
+    _check(opts, "lr", lambda v: v > 0, "a finite number > 0")
+    for name in ("weight_decay", "warmup", "max_grad_norm"):
+        _check(opts, name, lambda v: v >= 0, "a finite number >= 0")
+    _check(opts, "save_steps", lambda v: v >= 0, "an integer >= 0 (0: no intermediate checkpoints)", int)
+    _check(opts, "save_total_limit", lambda v: v >= 1, "an integer >= 1", int)
+    _check(opts, "max_length", lambda v: v >= 2, "an integer >= 2", int)
+    _check(opts, "seed", lambda v: v >= 0, "an integer >= 0", int)
+    if opts["max_examples"] is not None:
+        _check(opts, "max_examples", lambda v: v >= 1, "an integer >= 1", int)
+    schedulers = [s.value for s in SchedulerType]
+    if opts["scheduler"] not in schedulers:
+        raise ValueError(f"--scheduler {opts['scheduler']!r} is not valid: one of {', '.join(schedulers)}")
+    if opts["resume"] and opts["overwrite"]:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
 
 
 @dataclass
@@ -314,29 +336,50 @@ class TrainingRun:
     options: dict
     skills: list[str]
     resume: str | None
+    fingerprint: dict | None = None
+    lock: RunLock | None = None
+    finished: bool = False  # resumed from a checkpoint at the last step: nothing left to train
 
 
 def build(options: dict, callbacks: list | None = None) -> TrainingRun:
     """Load base and data, attach edits, and set up the trainer.
 
-    `options` holds DEFAULTS keys and CSReftConfig fields (None means "default").
+    `options` holds DEFAULTS keys and CSReftConfig fields (None means "default"). The main
+    process holds OUTPUT_DIR's lock from here until fit() ends.
     """
-    from .base_models import DEFAULT_MODEL, load_base
-
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if not opts["data"]:
         raise ValueError("no training data: give --data FILE (JSON or JSONL) or a dataset name")
     if opts["train"] not in ("all", "router"):
         raise ValueError(f"--train {opts['train']!r}: expected 'all' (edits and router) or 'router'")
+    validate_options(opts)
     if opts["init_adapter"]:
         config = None  # the adapter's own (see _init_model)
     else:
         config = CSReftConfig(**{k: v for k, v in opts.items() if k in CSReftConfig.__dataclass_fields__})
-    resume = resolve_resume(opts["resume"], opts["output_dir"])
-
     records = load_records(opts["data"])
     if opts["max_examples"]:
         records = records[: opts["max_examples"]]
+    lock = RunLock(opts["output_dir"]).acquire() if is_main_process() else None
+    try:
+        return _build(opts, options, config, records, lock, callbacks)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(opts: dict, options: dict, config: CSReftConfig | None, records: list[dict], lock,
+           callbacks) -> TrainingRun:
+    from .base_models import DEFAULT_MODEL, load_base
+
+    started_from = {"init_adapter": str(opts["init_adapter"]), "train": opts["train"]}
+    run_id = fingerprint(config.to_dict() if config is not None else started_from, records, opts)
+    if is_main_process():
+        claim(opts["output_dir"], opts["resume"], opts["overwrite"])
+    resume = resolve_resume(opts["resume"], opts["output_dir"])
+    if resume:
+        verify_checkpoint(resume, run_id)
     skills = skill_names(records)
     if opts["skill_routing"] and not skills:
         raise ValueError(f"--skill-routing: no record in {opts['data']} has a 'skill' field")
@@ -355,10 +398,11 @@ def build(options: dict, callbacks: list | None = None) -> TrainingRun:
         if model.router is None:
             raise ValueError("--train router: this adapter has no router (use_router=False)")
         model.edits.requires_grad_(False)
-    train_set = SupervisedDataset(records, tokenizer, opts["max_length"], skills)
+    train_set = usable(SupervisedDataset(records, tokenizer, opts["max_length"], skills), opts["data"], opts)
     eval_set = None
     if opts["eval_data"]:
         eval_set = SupervisedDataset(load_records(opts["eval_data"]), tokenizer, opts["max_length"], skills)
+        usable(eval_set, opts["eval_data"], opts)
     trainer = CSReftTrainer(
         model=model,
         args=training_arguments(opts),
@@ -366,10 +410,36 @@ def build(options: dict, callbacks: list | None = None) -> TrainingRun:
         eval_dataset=eval_set,
         data_collator=Collator(tokenizer.pad_token_id, with_skills=opts["skill_routing"]),
         callbacks=[JsonlLogger(Path(opts["output_dir"]) / "log.jsonl"), *(callbacks or [])],
-        adapter_metadata={**metadata, "skills": skills,
+        adapter_metadata={**metadata, "skills": skills, "run": run_id,
                           "skill_routing": opts["skill_routing"] or bool(metadata.get("skill_routing"))},
     )
-    return TrainingRun(trainer, model, tokenizer, train_set, eval_set, config, opts, skills, resume)
+    finished = bool(resume) and _past_the_end(trainer, resume)
+    return TrainingRun(trainer, model, tokenizer, train_set, eval_set, config, opts, skills, resume, run_id,
+                       lock, finished)
+
+
+def usable(dataset: SupervisedDataset, source: str, opts: dict) -> SupervisedDataset:
+    """The dataset, unless truncation left it empty (a clear error instead of 0 samples)."""
+    if len(dataset) == 0:
+        raise ValueError(
+            f"{source}: all {dataset.dropped} records were dropped: each prompt alone fills "
+            f"--max-length {opts['max_length']} tokens; raise --max-length or shorten the prompts"
+        )
+    return dataset
+
+
+def _past_the_end(trainer: CSReftTrainer, resume: str) -> bool:
+    """Whether the checkpoint is at this run's last step (nothing to train); refuses one past it."""
+    args = trainer.args
+    planned = args.max_steps if args.max_steps > 0 else trainer.set_initial_training_values(
+        args, trainer.get_train_dataloader())[-1]
+    step = checkpoint_step(Path(resume))
+    if step > planned:
+        raise RunDirectoryError(
+            f"--resume {resume}: the checkpoint is at step {step}, past this run's last step "
+            f"{planned}; give --max-steps {step} or more, or resume an earlier checkpoint"
+        )
+    return step == planned
 
 
 def _check_skill_count(opts: dict, skills: list[str], config: CSReftConfig) -> None:
@@ -407,10 +477,27 @@ def _init_model(base, opts: dict, options: dict, records: list[dict], skills: li
 
 
 def fit(run: TrainingRun) -> dict:
-    """Train, save OUTPUT_DIR/adapter, and return the summary (also OUTPUT_DIR/summary.json)."""
+    """Train, save OUTPUT_DIR/adapter, and return the summary (also OUTPUT_DIR/summary.json);
+    releases the run directory's lock when done or failed."""
+    try:
+        return _fit(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _fit(run: TrainingRun) -> dict:
     trainer, model, opts = run.trainer, run.model, run.options
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=run.resume)
+    if run.resume and is_main_process():
+        trim_log(opts["output_dir"], checkpoint_step(Path(run.resume)))
+    if run.finished:  # checkpoint at the last step: no training, the checkpoint's weights
+        trainer._load_from_checkpoint(run.resume)
+        trainer.state = TrainerState.load_from_json(str(Path(run.resume) / "trainer_state.json"))
+        result = trainer.state
+        print(f"{run.resume} is at the last step ({result.global_step}); nothing left to train")
+    else:
+        result = trainer.train(resume_from_checkpoint=run.resume)
     wall = time.time() - started
     adapter_dir = Path(opts["output_dir"]) / "adapter"
     counts = model.trainable_parameters()
@@ -439,7 +526,10 @@ def fit(run: TrainingRun) -> dict:
     if run.eval_set is not None:
         summary["eval_loss"] = trainer.evaluate().get("eval_loss")
     if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir, metadata=trainer.adapter_metadata)
+        if run.finished and adapter_is_final(opts["output_dir"], run.fingerprint, result.global_step):
+            summary["adapter_kept"] = True  # already saved by the run that reached this step
+        else:
+            model.save_pretrained(adapter_dir, metadata={**trainer.adapter_metadata, "step": result.global_step})
         (Path(opts["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary

@@ -225,9 +225,9 @@ def test_save_load_round_trip(tmp_path, tiny_csreft):
 def test_failed_save_keeps_previous_adapter(tmp_path, tiny_csreft, monkeypatch):
     tiny_csreft.save_pretrained(tmp_path / "adapter")
     before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
-    import csreft.model as m
+    import csreft.integrity as m
 
-    monkeypatch.setattr(m, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(m, "write_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         tiny_csreft.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before

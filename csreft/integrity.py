@@ -1,0 +1,228 @@
+"""What a saved adapter or checkpoint must be before it is trusted, and how it is written.
+
+Writing: the safetensors bytes are hashed (sha256, stored as `weights_sha256` in
+adapter_config.json) and written with ordinary permissions; a directory is replaced by an
+atomic exchange of two names (Linux renameat2), so a reader always finds a complete adapter.
+Reading: checksum, tensor names, shapes, kinds of dtype, finite values and orthonormal bases;
+every failure names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# what Trainer writes into a checkpoint beside the adapter; a resume needs all of it
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+# -- writing -------------------------------------------------------------------------------------
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` (permissions from the umask) and flush it to disk."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> str:
+    """Save tensors as safetensors at `path`; returns the sha256 of the bytes written."""
+    data = save_bytes(state, metadata={"format": "pt"})
+    write_file(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_directory(directory: str | os.PathLike, write) -> None:
+    """Call write(tmp_dir), then put tmp_dir in place of `directory`.
+
+    The swap is one atomic exchange of names where the system has one (renameat2 on Linux),
+    so `directory` always exists; elsewhere two renames leave a window of microseconds. A
+    failure inside write() leaves any existing `directory` as it was. Hidden leftovers of a
+    save that was killed (.NAME.tmp-PID-*, .NAME.old-PID-*) are removed first.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
+    tmp = _fresh_dir(target, "tmp")
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+        elif _exchange(tmp, target):  # tmp now holds the previous directory
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove .NAME.tmp-PID-* / .NAME.old-PID-* folders whose writing process is gone."""
+    for kind in ("tmp", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name.rsplit(f".{kind}-", 1)[1].split("-")[0]
+            if not (pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _fresh_dir(target: Path, kind: str) -> Path:
+    """A new hidden sibling folder of `target`, with permissions from the umask (not mkdtemp's 0700)."""
+    while True:
+        path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the names a and b (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        except OSError:
+            _libc = False
+    renameat2 = getattr(_libc, "renameat2", None) if _libc else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- reading and checking ------------------------------------------------------------------------
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """adapter_config.json of an adapter or checkpoint directory, as a dict (clear errors)."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {directory} a csreft adapter directory?")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a valid csreft adapter config: {err}") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("csreft_config"), dict):
+        raise ValueError(f"{path}: not a valid csreft adapter config: no 'csreft_config' mapping")
+    return meta
+
+
+def read_weights(directory: str | os.PathLike, checksum: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors, after checking the file against `checksum` (when given) and that
+    every floating-point tensor is finite."""
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {directory} a csreft adapter directory?")
+    data = path.read_bytes()
+    if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
+        raise ValueError(
+            f"{path}: checksum mismatch: the file is not the one saved with {ADAPTER_CONFIG} "
+            "(changed or corrupted after saving)"
+        )
+    try:
+        state = load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {name} holds NaN or infinite values")
+    return state
+
+
+def check_against(state: dict, expected: dict, path) -> None:
+    """Names, shapes and kinds of dtype (floating point or not) of `state` against `expected`."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for name, value in state.items():
+        want = expected[name]
+        if value.shape != want.shape:
+            raise ValueError(f"{path}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+        if value.is_floating_point() != want.is_floating_point():
+            raise ValueError(f"{path}: tensor {name} has dtype {value.dtype}, expected {want.dtype}")
+
+
+def check_orthonormal(edits: dict, path) -> None:
+    """Every edit's basis has orthonormal columns (Q^T Q = I within tolerance): the whole
+    stacked Q for one shared basis, each subspace's block R_i^T for independent bases (a
+    composed skill library), whose subspaces may overlap."""
+    with torch.no_grad():
+        for layer, group in edits.items():
+            for g, edit in enumerate(group):
+                q = edit.stacked_basis().double()
+                if edit.parametrizations.basis.original.dim() == 3:  # independent: (d, k, r) blocks
+                    q = q.unflatten(1, (edit.num_subspaces, edit.rank)).transpose(0, 1)
+                eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+                error = (q.mT @ q - eye).abs().max().item()
+                tol = 1e-3 if edit.weight.dtype in (torch.float32, torch.float64) else 5e-2
+                if not error <= tol:
+                    raise ValueError(
+                        f"{path}: tensor edits.{layer}.{g}.parametrizations.basis: the basis is not "
+                        f"orthonormal (max |Q^T Q - I| = {error:.3g} > {tol})"
+                    )
+
+
+def checkpoint_problems(directory: str | os.PathLike) -> list[str]:
+    """What keeps a Trainer checkpoint from being resumed exactly (empty: nothing)."""
+    directory = Path(directory)
+    problems = [f"{name} is missing" for name in CHECKPOINT_FILES if not (directory / name).is_file()]
+    if not any(directory.glob("rng_state*.pth")):
+        problems.append("rng_state.pth (random number generator state) is missing")
+    try:
+        meta = read_adapter_config(directory)
+        read_weights(directory, meta.get("weights_sha256"))
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(str(err).replace(f"{directory}{os.sep}", ""))
+    return problems
