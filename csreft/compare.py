@@ -33,6 +33,7 @@ import json
 import math
 import random
 import re
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -334,6 +335,7 @@ class _Runner:
             if old.get("key") == key:
                 self.params[method.label] = old.get("parameters", 0)
                 return old
+        shutil.rmtree(run_dir, ignore_errors=True)  # another run's logs and results, not to be appended to
         set_seed(seed)
         base, tokenizer, suite, opts = self.base, self.tokenizer, self.suite, self.opts
         if method.kind == "base":
