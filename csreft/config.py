@@ -56,15 +56,15 @@ class CSReftConfig:
     orthogonal_subspaces: bool = True  # all k bases from one orthonormal d x (k*r) matrix
     shared_subspaces: int = 0  # always-on edits (gate 1) beside the k routed ones
     use_router: bool = True  # False: every gate is 1 (k = 1 without router is LoReFT)
-    router_input: str = "mean"
-    router_head: int = 8  # tokens read by router_input="head"
+    router_input: str = "head"  # the request: see docs/routing-study.md for why not "mean"
+    router_head: int = 4  # tokens read by router_input="head"
     router_layer: int | None = None  # the layer whose input the router reads; None: layers[0]
     router_hidden: int | None = None  # None: d // 2, the paper's router
     gating: str = "soft"
     threshold: float = 0.5
     top_k: int = 1
     sparsity_weight: float = 0.0
-    balance_weight: float = 0.0  # weight of the information-maximising balance term
+    balance_weight: float = 2.0  # weight of the information-maximising balance term
     routing_loss_weight: float = 1.0  # weight of the supervised routing loss (skill labels)
     dropout: float = 0.0  # dropout on the low-rank edit coordinates during training
     format_version: int = FORMAT_VERSION

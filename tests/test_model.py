@@ -157,15 +157,16 @@ def test_route_matches_forward_gates_and_loss_paths_agree(tiny_csreft):
 
 
 def test_router_losses_enter_the_loss():
-    cfg = CSReftConfig(layers=[1], rank=2, num_subspaces=3, sparsity_weight=0.5, routing_loss_weight=2.0)
+    cfg = CSReftConfig(layers=[1], rank=2, num_subspaces=3, sparsity_weight=0.5, routing_loss_weight=2.0,
+                       balance_weight=0.25)
     model = get_csreft_model(tiny_llama(), cfg)
     ids = ids_batch(2, 10)
     labels = ids.clone()
     labels[:, :6] = -100
     out = model(ids, labels=labels, skill_labels=torch.tensor([0, 2]))
-    expected = out.task_loss + 0.5 * out.sparsity_loss + 2.0 * out.routing_loss
+    expected = out.task_loss + 0.5 * out.sparsity_loss + 2.0 * out.routing_loss + 0.25 * out.balance_loss
     torch.testing.assert_close(out.loss, expected)
-    assert out.sparsity_loss > 0 and out.routing_loss > 0
+    assert out.sparsity_loss > 0 and out.routing_loss > 0 and out.balance_loss != 0
 
 
 def test_hard_gating_in_model_uses_binary_gates_and_trains_router():
