@@ -16,6 +16,7 @@ active context and cost what the base model costs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -31,6 +32,7 @@ from transformers.utils import ModelOutput
 from .base_models import find_decoder_layers, model_identity
 from .checks import check_forward_inputs, check_spans
 from .config import CSReftConfig
+from .distributed import numel
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
 from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, check_against, check_orthonormal,
@@ -156,7 +158,8 @@ class CSReftModel(nn.Module):
             base_model.register_forward_hook(self._end_of_forward_hook),
         ]
         for layer in config.layers:
-            hook = self._make_edit_hook(self.edits[str(layer)])
+            # a bound method (not a closure), so that a deep copy of the model edits with its own edits
+            hook = functools.partial(self._edit_hook, str(layer))
             self._hooks.append(layers[layer].register_forward_hook(hook))
 
     # -- hooks ------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class CSReftModel(nn.Module):
 
     def _run_router(self, hidden, ctx) -> None:
         starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
-        ctx.gates, ctx.probs = self.router(self.router.summarise(hidden, starts, ends))
+        ctx.gates, ctx.probs = self.router(hidden, starts, ends)
 
     def _route_before(self, ctx, input_ids, attention_mask) -> None:
         """Fill ctx.gates from a first pass of the base (no edits, no gradient through the
@@ -202,21 +205,18 @@ class CSReftModel(nn.Module):
         self._run_router(ctx.router_hidden, ctx)
         ctx.router_hidden = None
 
-    def _make_edit_hook(self, group_edits: nn.ModuleList):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            ctx = self._current(hidden)
-            if ctx is None or ctx.gates is None:  # not edited, or the routing pass below the router
-                return None
-            groups, gates = ctx.on(hidden.device, self.csreft_config.shared_subspaces)
-            for edit, (idx, valid) in zip(group_edits, groups):
-                index = idx[..., None].expand(-1, -1, hidden.shape[-1])
-                # gates (B, P, k): the sequence's gates at valid positions, 0 at padding ones
-                delta = edit.delta(hidden.gather(1, index), gates[:, None, :] * valid[..., None])
-                hidden = hidden.scatter_add(1, index, delta)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
+    def _edit_hook(self, layer: str, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        ctx = self._current(hidden)
+        if ctx is None or ctx.gates is None:  # not edited, or the routing pass below the router
+            return None
+        groups, gates = ctx.on(hidden.device, self.csreft_config.shared_subspaces)
+        for edit, (idx, valid) in zip(self.edits[layer], groups):
+            index = idx[..., None].expand(-1, -1, hidden.shape[-1])
+            # gates (B, P, k): the sequence's gates at valid positions, 0 at padding ones
+            delta = edit(hidden.gather(1, index), gates[:, None, :] * valid[..., None], delta_only=True)
+            hidden = hidden.scatter_add(1, index, delta)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _end_of_forward_hook(self, module, args, output):
         if self._ctx is not None and self._ctx.once:
@@ -382,9 +382,9 @@ class CSReftModel(nn.Module):
 
     def trainable_parameters(self) -> dict:
         """Counts of trainable numbers: edits, router, total, and percent of the base model."""
-        edits = sum(p.numel() for p in self.edits.parameters() if p.requires_grad)  # frozen: --train router
-        router = sum(p.numel() for p in self.router.parameters()) if self.router is not None else 0
-        base = sum(p.numel() for p in self.base_model.parameters())
+        edits = sum(numel(p) for p in self.edits.parameters() if p.requires_grad)  # frozen: --train router
+        router = sum(numel(p) for p in self.router.parameters()) if self.router is not None else 0
+        base = sum(numel(p) for p in self.base_model.parameters())  # whole sizes under ZeRO-3 too
         return {
             "edits": edits,
             "router": router,
@@ -404,17 +404,19 @@ class CSReftModel(nn.Module):
         """Edits and router only (no base weights)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
 
-    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:
         """Write adapter_model.safetensors + adapter_config.json, atomically (temp dir + rename).
 
         `metadata` (JSON-serialisable, e.g. the skill names) is stored in adapter_config.json.
+        `state`: the adapter tensors to write (gathered by a sharded engine), else this model's.
         """
-        atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata))
+        atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata, state))
 
-    def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
+    def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:
         """Write the adapter files into an existing directory (not atomic by itself); the
         config records the sha256 of the weights file."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
+        state = self.adapter_state_dict() if state is None else state
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         meta = {
             "csreft_config": self.csreft_config.to_dict(),
             "base_model": model_identity(self.base_model),
