@@ -62,7 +62,7 @@ def positive_int(text: str) -> int:
 
 
 def adapter_base(adapter: str | None) -> str:
-    """The base model an adapter was trained on (its adapter_config.json), else the default."""
+    """The base model an adapter was trained on (its csreft_config.json), else the default."""
     from .integrity import read_adapter_config
 
     meta = read_adapter_config(adapter) if adapter else {}
@@ -327,11 +327,12 @@ def _eval(args, model, tokenizer, records, method) -> None:
 def cmd_compose(args: argparse.Namespace) -> None:
     from .base_models import load_base
     from .compose import compose_to_directory, overlap_lines
+    from .integrity import ADAPTER_CONFIG, adapter_files
 
     dirs = [d.strip() for d in args.adapters.split(",") if d.strip()]
     for d in dirs:
-        if not (Path(d) / "adapter_config.json").is_file():
-            raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no adapter_config.json)")
+        if not adapter_files(d)[0].is_file():
+            raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no {ADAPTER_CONFIG})")
     base, _ = load_base(args.model or adapter_base(dirs[0] if dirs else None))
     options = {k: getattr(args, k) for k in ("router_input", "gating") if getattr(args, k) is not None}
     try:

@@ -35,8 +35,8 @@ from .config import CSReftConfig
 from .distributed import numel
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
-from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, check_against, check_orthonormal,
-                        read_adapter_config, read_weights, write_weights)
+from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_directory, check_against,
+                        check_orthonormal, read_adapter_config, read_weights, write_weights)
 from .router import Router, balance_loss, routing_loss, sparsity_loss
 
 
@@ -405,9 +405,9 @@ class CSReftModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
 
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:
-        """Write adapter_model.safetensors + adapter_config.json, atomically (temp dir + rename).
+        """Write csreft_model.safetensors + csreft_config.json, atomically (temp dir + rename).
 
-        `metadata` (JSON-serialisable, e.g. the skill names) is stored in adapter_config.json.
+        `metadata` (JSON-serialisable, e.g. the skill names) is stored in csreft_config.json.
         `state`: the adapter tensors to write (gathered by a sharded engine), else this model's.
         """
         atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata, state))
@@ -431,11 +431,12 @@ class CSReftModel(nn.Module):
         finite values and orthonormal bases. On a failure the model keeps its weights."""
         checksum = read_adapter_config(directory).get("weights_sha256")
         state = read_weights(directory, checksum)
-        check_against(state, self.adapter_state_dict(), Path(directory) / ADAPTER_WEIGHTS)
+        weights = adapter_files(directory)[1]
+        check_against(state, self.adapter_state_dict(), weights)
         before = {k: v.clone() for k, v in self.adapter_state_dict().items()}
         self.load_state_dict(state, strict=False)
         try:
-            check_orthonormal(self.edits, Path(directory) / ADAPTER_WEIGHTS)
+            check_orthonormal(self.edits, weights)
         except ValueError:
             self.load_state_dict(before, strict=False)
             raise
@@ -446,12 +447,13 @@ class CSReftModel(nn.Module):
         weights (see load_adapter_weights)."""
         directory = Path(directory)
         meta = read_adapter_config(directory)
-        if not (directory / ADAPTER_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{directory / ADAPTER_WEIGHTS}: missing; is {directory} a csreft adapter directory?")
+        config_file, weights = adapter_files(directory)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: missing; is {directory} a csreft adapter directory?")
         try:
             config = CSReftConfig.from_dict(meta["csreft_config"])
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: not a valid csreft adapter config: {err}") from err
+            raise ValueError(f"{config_file}: not a valid csreft adapter config: {err}") from err
         saved, here = meta.get("base_model"), model_identity(base_model)
         if not isinstance(saved, dict):
             saved = {}
@@ -467,7 +469,7 @@ class CSReftModel(nn.Module):
         try:
             model = cls(base_model, config)
         except ValueError as err:  # e.g. layers beyond this base's depth
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: {err}") from err
+            raise ValueError(f"{config_file}: {err}") from err
         try:
             model.load_adapter_weights(directory)
         except Exception:

@@ -23,6 +23,7 @@ from transformers import SchedulerType, Trainer, TrainerCallback, TrainerState, 
 from .config import CSReftConfig
 from .data import Collator, SupervisedDataset, load_records, skill_names
 from .distributed import adapter_part, full_adapter_state, mark_zero3_leaves, zero_stage
+from .integrity import read_adapter_config
 from .model import CSReftModel, get_csreft_model
 from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, checkpoints, claim,
                      describe_checkpoint, fingerprint, is_main_process, resolve_resume, trim_log, verify_checkpoint)
@@ -491,7 +492,7 @@ def _init_model(base, opts: dict, options: dict, records: list[dict], skills: li
     INIT_OVERRIDABLE may be changed by the run's options."""
     directory = Path(opts["init_adapter"])
     model = CSReftModel.from_pretrained(base, directory).train()
-    meta = json.loads((directory / "adapter_config.json").read_text()).get("metadata") or {}
+    meta = read_adapter_config(directory).get("metadata") or {}
     given = {k: v for k, v in options.items() if v is not None and k in CSReftConfig.__dataclass_fields__}
     fixed = sorted(set(given) - set(INIT_OVERRIDABLE))
     if fixed:

@@ -50,7 +50,7 @@ def losses(out: Path) -> list[float]:
 
 
 def adapter(out: Path) -> dict:
-    return load_file(out / "adapter" / "adapter_model.safetensors")
+    return load_file(out / "adapter" / "csreft_model.safetensors")
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -96,7 +96,7 @@ def test_deepspeed_matches_single_process_and_ddp(runs, engine):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["examples_seen"] == 4 * 3 * 2
     # checkpoints hold the gathered adapter, and DeepSpeed's own states without the frozen base
-    assert max_diff(load_file(out / "checkpoint-4" / "adapter_model.safetensors"), adapter(out)) == 0.0
+    assert max_diff(load_file(out / "checkpoint-4" / "csreft_model.safetensors"), adapter(out)) == 0.0
     engine_files = list((out / "checkpoint-4").glob("global_step4/*.pt"))
     assert engine_files and (out / "checkpoint-4" / "scheduler.pt").is_file()
     assert sum(p.stat().st_size for p in engine_files) < 300_000  # the base alone: 189k floats, 756 kB
