@@ -43,7 +43,7 @@ def merged_options(args: argparse.Namespace) -> dict:
     """File options, overridden by every flag given on the command line. A file is a training
     recipe (checked by `csreft train`'s flags) for `info` too."""
     opts = read_options_file(getattr(args, "config", None))
-    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug")})
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug", "argv")})
     return opts
 
 
@@ -63,9 +63,10 @@ def positive_int(text: str) -> int:
 
 def adapter_base(adapter: str | None) -> str:
     """The base model an adapter was trained on (its csreft_config.json), else the default."""
+    from .hub import resolve_adapter
     from .integrity import read_adapter_config
 
-    meta = read_adapter_config(adapter) if adapter else {}
+    meta = read_adapter_config(resolve_adapter(adapter)) if adapter else {}
     base = meta.get("base_model")
     return (base.get("name_or_path") if isinstance(base, dict) else None) or DEFAULT_MODEL
 
@@ -180,6 +181,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     opts = merged_options(args)
     for key in ("func", "command", "base_shape"):  # base_shape is for `csreft info` only
         opts.pop(key, None)
+    import shlex
+
+    opts["training_command"] = shlex.join(["csreft", *getattr(args, "argv", [])])  # for the model card
     run(opts)
 
 
@@ -348,6 +352,24 @@ def cmd_compose(args: argparse.Namespace) -> None:
     print("\n".join(overlap_lines(model.composition)) or "  (no layer edited by two adapters)")
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .hub import push_adapter
+    from .integrity import read_adapter_config, read_weights
+    from .model import get_csreft_model
+
+    meta = read_adapter_config(args.adapter)
+    read_weights(args.adapter, meta.get("weights_sha256"))  # verified before anything is sent
+    config = CSReftConfig.from_dict(meta["csreft_config"])
+    base_config = base_model_config(args.model or adapter_base(args.adapter), meta.get("base_model"))
+    with torch.device("meta"):  # parameter counts for the card: shapes only, no weights read
+        counts = get_csreft_model(AutoModelForCausalLM.from_config(base_config), config).trainable_parameters()
+    url = push_adapter(args.adapter, args.repo_id, counts, private=args.private, revision=args.revision)
+    print(f"pushed {args.adapter} to {args.repo_id}: {url}")
+
+
 def cmd_convert_pyreft(args: argparse.Namespace) -> None:
     from .base_models import load_base
     from .pyreft import convert_to_directory, read_pyreft
@@ -423,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--skill", default=None, help="skill name of the edit (default: the directory's name)")
     conv.set_defaults(func=cmd_convert_pyreft)
 
+    push = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
+    push.add_argument("adapter", help="adapter directory")
+    push.add_argument("repo_id", help="Hub repo, e.g. your-name/my-adapter (created if needed)")
+    push.add_argument("--model", default=None, help="base model (default: the adapter's base)")
+    push.add_argument("--private", action=argparse.BooleanOptionalAction, default=None)
+    push.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    push.set_defaults(func=cmd_push)
+
     cmp_ = sub.add_parser("compare", help="base vs LoReFT vs specialists vs CS-ReFT vs LoRA on a suite")
     add_compare_options(cmp_, {})
     cmp_.set_defaults(func=cmd_compare)
@@ -443,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run a command; an error becomes one line on stderr and exit status 1 (130 when
     interrupted), with the traceback only under --debug."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -152,6 +152,7 @@ class CSReftModel(nn.Module):
         self._recompute_ctx: _Context | None = None
         self.skill_names: list[str] | None = None  # skill of each routed subspace (csreft.gates)
         self.default_gates: torch.Tensor | None = None  # set by csreft.gates.steering
+        self.adapter_metadata: dict = {}  # the metadata of the adapter loaded (skills, training run)
         self._hooks = [
             layers[router_layer if config.use_router else config.layers[0]].register_forward_pre_hook(
                 self._route_hook, with_kwargs=True),
@@ -442,10 +443,14 @@ class CSReftModel(nn.Module):
             raise
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> "CSReftModel":
-        """Attach a saved adapter to `base_model`; checks the base identity and verifies the
-        weights (see load_adapter_weights)."""
-        directory = Path(directory)
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, revision: str | None = None,
+                        token=None, cache_dir=None) -> "CSReftModel":
+        """Attach a saved adapter to `base_model`: a local folder, or a Hub repo id ("org/name",
+        at `revision`; only the adapter files are downloaded, see csreft.hub). Checks the base
+        identity and verifies the weights (see load_adapter_weights)."""
+        from .hub import resolve_adapter
+
+        directory = resolve_adapter(directory, revision, token, cache_dir)
         meta = read_adapter_config(directory)
         config_file, weights = adapter_files(directory)
         if not weights.is_file():
@@ -476,7 +481,21 @@ class CSReftModel(nn.Module):
             model.remove_hooks()  # leave the base as it was
             raise
         model.skill_names = subspace_names(meta.get("metadata") or {}, config.num_subspaces)
+        model.adapter_metadata = meta.get("metadata") or {}
         return model.eval()
+
+    def push_to_hub(self, repo_id: str, metadata: dict | None = None, private: bool | None = None, token=None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """Upload this adapter (never the base weights) and a model card to the Hub repo
+        `repo_id`, created if needed; returns the commit URL. `metadata` as in save_pretrained
+        (default: what the adapter was loaded or trained with)."""
+        from .hub import push_model
+
+        if metadata is None:
+            metadata = self.adapter_metadata or ({"skills": self.skill_names, "skill_routing": True}
+                                                 if self.skill_names else {})
+        return push_model(self, repo_id, metadata, private=private, token=token, revision=revision,
+                          commit_message=commit_message)
 
     @classmethod
     def from_adapters(cls, base_model: nn.Module, directories, **options) -> "CSReftModel":
@@ -499,7 +518,21 @@ class CSReftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if _acts_on_base_weights(name):
+                raise AttributeError(
+                    f"CSReftModel has no {name!r}: the base model's would save, upload or swap the base "
+                    f"weights, not this adapter; call model.base_model.{name} if that is what you want") from None
             return getattr(self.base_model, name)  # config, device, dtype, ... of the base
+
+
+# the base model's methods that save, upload or swap weights: never reached through CSReftModel
+_BASE_ONLY_PREFIXES = ("push", "save", "upload", "create_repo", "load_adapter", "add_adapter", "set_adapter",
+                       "delete_adapter", "enable_adapter", "disable_adapter", "get_adapter_state_dict",
+                       "merge_and_unload")
+
+
+def _acts_on_base_weights(name: str) -> bool:
+    return name.lstrip("_").startswith(_BASE_ONLY_PREFIXES) or "hub" in name.lower()
 
 
 def get_csreft_model(base_model: nn.Module, config: CSReftConfig) -> CSReftModel:

@@ -448,6 +448,7 @@ def _build(opts: dict, options: dict, config: CSReftConfig | None, records: list
         data_collator=Collator(tokenizer.pad_token_id, with_skills=opts["skill_routing"]),
         callbacks=[JsonlLogger(Path(opts["output_dir"]) / "log.jsonl"), *(callbacks or [])],
         adapter_metadata={**metadata, "skills": skills, "run": run_id,
+                          "training": {"data": str(opts["data"]), "command": opts.get("training_command")},
                           "skill_routing": opts["skill_routing"] or bool(metadata.get("skill_routing"))},
     )
     finished = bool(resume) and _past_the_end(trainer, resume)
