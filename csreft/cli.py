@@ -43,7 +43,7 @@ def merged_options(args: argparse.Namespace) -> dict:
     """File options, overridden by every flag given on the command line. A file is a training
     recipe (checked by `csreft train`'s flags) for `info` too."""
     opts = read_options_file(getattr(args, "config", None))
-    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug", "argv")})
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug")})
     return opts
 
 
@@ -181,9 +181,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     opts = merged_options(args)
     for key in ("func", "command", "base_shape"):  # base_shape is for `csreft info` only
         opts.pop(key, None)
-    import shlex
-
-    opts["training_command"] = shlex.join(["csreft", *getattr(args, "argv", [])])  # for the model card
     run(opts)
 
 
@@ -473,7 +470,6 @@ def main(argv: list[str] | None = None) -> None:
     """Run a command; an error becomes one line on stderr and exit status 1 (130 when
     interrupted), with the traceback only under --debug."""
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -448,12 +448,28 @@ def _build(opts: dict, options: dict, config: CSReftConfig | None, records: list
         data_collator=Collator(tokenizer.pad_token_id, with_skills=opts["skill_routing"]),
         callbacks=[JsonlLogger(Path(opts["output_dir"]) / "log.jsonl"), *(callbacks or [])],
         adapter_metadata={**metadata, "skills": skills, "run": run_id,
-                          "training": {"data": str(opts["data"]), "command": opts.get("training_command")},
+                          "training": {"data": str(opts["data"]), "command": train_command(options)},
                           "skill_routing": opts["skill_routing"] or bool(metadata.get("skill_routing"))},
     )
     finished = bool(resume) and _past_the_end(trainer, resume)
     return TrainingRun(trainer, model, tokenizer, train_set, eval_set, config, opts, skills, resume, run_id,
                        lock, finished)
+
+
+def train_command(options: dict) -> str:
+    """The `csreft train` command line that runs these options (for the model card)."""
+    import shlex
+
+    parts = ["csreft", "train"]
+    for name, value in options.items():
+        if value is None or name in ("resume", "overwrite"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return shlex.join(parts)
 
 
 def usable(dataset: SupervisedDataset, source: str, opts: dict) -> SupervisedDataset:

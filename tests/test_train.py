@@ -184,6 +184,8 @@ def test_cli_train_and_generate_through_adapter(tmp_path, tiny_model_dir, capsys
     assert "training done: 4 steps" in out and "adapter saved to" in out
     meta = json.loads((Path(opts["output_dir"]) / "adapter" / "csreft_config.json").read_text())
     assert meta["csreft_config"]["layers"] == [1, 2] and meta["metadata"]["skills"] == sorted(SKILLS)
+    command = meta["metadata"]["training"]["command"]  # for the model card: a command that reruns it
+    assert command.startswith("csreft train ") and "--layers 1,2" in command and "--max-steps 4" in command
     main(["generate", "--adapter", str(Path(opts["output_dir"]) / "adapter"), "--prompt", "reverse the word abc",
           "--max-new-tokens", "4"])
     assert capsys.readouterr().out.strip() != ""
