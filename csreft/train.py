@@ -22,6 +22,8 @@ from transformers import SchedulerType, Trainer, TrainerCallback, TrainerState, 
 
 from .config import CSReftConfig
 from .data import Collator, SupervisedDataset, load_records, skill_names
+from .distributed import adapter_part, full_adapter_state, mark_zero3_leaves, zero_stage
+from .integrity import read_adapter_config
 from .model import CSReftModel, get_csreft_model
 from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, checkpoints, claim,
                      describe_checkpoint, fingerprint, is_main_process, resolve_resume, trim_log, verify_checkpoint)
@@ -55,6 +57,9 @@ DEFAULTS = {
     "max_examples": None,
     "init_adapter": None,  # start from a saved adapter (e.g. a composed skill library)
     "train": "all",  # "all": edits and router; "router": the router alone, edits frozen
+    "deepspeed": None,  # DeepSpeed config (JSON file): ZeRO-2 / ZeRO-3 (see csreft.distributed)
+    "fsdp": None,  # FSDP options as TrainingArguments takes them, e.g. "full_shard auto_wrap"
+    "fsdp_config": None,  # FSDP config (JSON file)
 }
 # config fields that --init-adapter lets a run change: they shape no parameter
 INIT_OVERRIDABLE = ("sparsity_weight", "balance_weight", "routing_loss_weight", "gating", "threshold", "top_k")
@@ -114,6 +119,8 @@ class CSReftTrainer(OrderedTrainer):
     def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
+        if self.is_deepspeed_enabled:
+            mark_zero3_leaves(self.model)
         self.tokens_seen = 0  # becomes a tensor on the training device (no per-step sync)
         self._routed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (gates, skills) since the last log
 
@@ -180,11 +187,35 @@ class CSReftTrainer(OrderedTrainer):
         return loss
 
     # -- checkpoints: adapter only, atomic -----------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's whole tensors; a collective step under FSDP / ZeRO-3: every rank calls it."""
+        core = self.accelerator.unwrap_model(self.model)
+        if self.is_fsdp_enabled:
+            return adapter_part(self.accelerator.get_state_dict(self.model), core)
+        return full_adapter_state(core)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Every rank gathers the adapter (never the base: Trainer's own DeepSpeed path would
+        consolidate the whole model), rank 0 writes it."""
+        self._save(output_dir or self.args.output_dir, state_dict=self.adapter_state())
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write the adapter; from `state_dict` when given (gathered by the engine: Trainer hands
+        the full state dict under FSDP), else from the model's own tensors."""
         if self.args.should_save:
+            core = self.accelerator.unwrap_model(self.model)
+            state = adapter_part(state_dict, core) if state_dict else None
             os.makedirs(output_dir, exist_ok=True)
             metadata = {**self.adapter_metadata, "step": self.state.global_step}
-            self.accelerator.unwrap_model(self.model).write_adapter(output_dir, metadata)
+            core.write_adapter(output_dir, metadata, state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if zero_stage(self) is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # DeepSpeed's checkpoint would hold the frozen base too: keep the adapter's states only
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and "DeepSpeed" not in type(self.lr_scheduler).__name__:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         (model or self.accelerator.unwrap_model(self.model)).load_adapter_weights(resume_from_checkpoint)
@@ -274,6 +305,9 @@ def training_arguments(opts: dict) -> TrainingArguments:
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every edit and the router take part in each step
+        deepspeed=opts["deepspeed"],
+        fsdp=opts["fsdp"],
+        fsdp_config=opts["fsdp_config"],
         **_cpu_multiprocess_arguments(),
     )
 
@@ -319,6 +353,9 @@ def validate_options(opts: dict) -> None:
     schedulers = [s.value for s in SchedulerType]
     if opts["scheduler"] not in schedulers:
         raise ValueError(f"--scheduler {opts['scheduler']!r} is not valid: one of {', '.join(schedulers)}")
+    if opts["resume"] and opts["deepspeed"]:
+        raise ValueError("--resume with --deepspeed is not supported: DeepSpeed checkpoints hold the "
+                         "optimizer in its own format; restart the run, or resume it without --deepspeed")
     if opts["resume"] and opts["overwrite"]:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
 
@@ -411,11 +448,28 @@ def _build(opts: dict, options: dict, config: CSReftConfig | None, records: list
         data_collator=Collator(tokenizer.pad_token_id, with_skills=opts["skill_routing"]),
         callbacks=[JsonlLogger(Path(opts["output_dir"]) / "log.jsonl"), *(callbacks or [])],
         adapter_metadata={**metadata, "skills": skills, "run": run_id,
+                          "training": {"data": str(opts["data"]), "command": train_command(options)},
                           "skill_routing": opts["skill_routing"] or bool(metadata.get("skill_routing"))},
     )
     finished = bool(resume) and _past_the_end(trainer, resume)
     return TrainingRun(trainer, model, tokenizer, train_set, eval_set, config, opts, skills, resume, run_id,
                        lock, finished)
+
+
+def train_command(options: dict) -> str:
+    """The `csreft train` command line that runs these options (for the model card)."""
+    import shlex
+
+    parts = ["csreft", "train"]
+    for name, value in options.items():
+        if value is None or name in ("resume", "overwrite"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return shlex.join(parts)
 
 
 def usable(dataset: SupervisedDataset, source: str, opts: dict) -> SupervisedDataset:
@@ -455,7 +509,7 @@ def _init_model(base, opts: dict, options: dict, records: list[dict], skills: li
     INIT_OVERRIDABLE may be changed by the run's options."""
     directory = Path(opts["init_adapter"])
     model = CSReftModel.from_pretrained(base, directory).train()
-    meta = json.loads((directory / "adapter_config.json").read_text()).get("metadata") or {}
+    meta = read_adapter_config(directory).get("metadata") or {}
     given = {k: v for k, v in options.items() if v is not None and k in CSReftConfig.__dataclass_fields__}
     fixed = sorted(set(given) - set(INIT_OVERRIDABLE))
     if fixed:
@@ -525,11 +579,13 @@ def _fit(run: TrainingRun) -> dict:
     }
     if run.eval_set is not None:
         summary["eval_loss"] = trainer.evaluate().get("eval_loss")
+    state = trainer.adapter_state()  # collective under FSDP / ZeRO-3: every rank gathers, rank 0 writes
     if trainer.is_world_process_zero():
         if run.finished and adapter_is_final(opts["output_dir"], run.fingerprint, result.global_step):
             summary["adapter_kept"] = True  # already saved by the run that reached this step
         else:
-            model.save_pretrained(adapter_dir, metadata={**trainer.adapter_metadata, "step": result.global_step})
+            model.save_pretrained(adapter_dir, metadata={**trainer.adapter_metadata, "step": result.global_step},
+                                  state=state)
         (Path(opts["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary

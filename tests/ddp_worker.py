@@ -1,4 +1,5 @@
-"""Run by torch.distributed.run in the two-process test: train, then dump this rank's adapter."""
+"""Run by torch.distributed.run in the multi-process tests: train, then dump this rank's
+adapter (gathered: a collective step under ZeRO-3) and what the engine did to the parameters."""
 
 import json
 import os
@@ -7,10 +8,25 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+try:  # DeepSpeed's shared-memory all-reduce serves inference only; skip compiling it (about a minute)
+    import deepspeed.comm.torch
+
+    deepspeed.comm.torch.build_shm_op = lambda: None
+except ImportError:
+    pass
+
+from csreft.distributed import full_adapter_state, is_partitioned
 from csreft.train import build, fit
 
 opts = json.loads(Path(sys.argv[1]).read_text())
 run = build(opts)
 fit(run)
-state = {k: v.detach().cpu().contiguous() for k, v in run.model.adapter_state_dict().items()}
-save_file(state, Path(opts["output_dir"]) / f"rank{os.environ['RANK']}.safetensors")
+rank = os.environ["RANK"]
+model = run.model
+report = {
+    "base_partitioned": all(is_partitioned(p) and p.numel() == 0 for p in model.base_model.parameters()),
+    "edits_partitioned": all(is_partitioned(p) and p.numel() == 0 for p in model.edits.parameters()),
+    "counts": model.trainable_parameters(),
+}
+save_file(full_adapter_state(model), Path(opts["output_dir"]) / f"rank{rank}.safetensors")
+(Path(opts["output_dir"]) / f"rank{rank}.json").write_text(json.dumps(report))

@@ -93,10 +93,10 @@ def main_(spec_path: str) -> None:
             again = work / f"ref-{save_steps}-again"
             code, duration, first = run(["train", *args, "--output-dir", str(again)], again)
             assert code == 0 and first is not None, f"second reference run failed ({code})"
-            assert (again / "adapter" / "adapter_model.safetensors").read_bytes() == (
-                ref / "adapter" / "adapter_model.safetensors").read_bytes(), "training is not deterministic"
+            assert (again / "adapter" / "csreft_model.safetensors").read_bytes() == (
+                ref / "adapter" / "csreft_model.safetensors").read_bytes(), "training is not deterministic"
             report[f"reference_{save_steps}"] = [round(first, 3), round(duration, 3)]
-        expected = (ref / "adapter" / "adapter_model.safetensors").read_bytes()
+        expected = (ref / "adapter" / "csreft_model.safetensors").read_bytes()
         first, duration = report[f"reference_{save_steps}"]
         rng = random.Random(seed)
         marks = [f"checkpoint-{n}" for n in range(save_steps, spec["max_steps"] + 1, save_steps)]
@@ -116,7 +116,7 @@ def main_(spec_path: str) -> None:
             at_kill = state_of(out)
             resume = ["--resume"] if any(out.glob("checkpoint-*")) else []
             code, _, _ = run(["train", *args, "--output-dir", str(out), *resume])
-            got = out / "adapter" / "adapter_model.safetensors"
+            got = out / "adapter" / "csreft_model.safetensors"
             same = code == 0 and got.is_file() and got.read_bytes() == expected
             report["points"].append({"seed": seed, "after": marks[mark - 1] if mark else "start",
                                      "delay": round(delay, 3), "killed_status": killed,

@@ -77,9 +77,9 @@ def test_overlap_of_an_adapter_with_itself_is_zero_degrees(tmp_path):
     b.mkdir()
     for f in a.iterdir():
         (b / f.name).write_bytes(f.read_bytes())
-    meta = json.loads((b / "adapter_config.json").read_text())
+    meta = json.loads((b / "csreft_config.json").read_text())
     meta["metadata"]["skills"] = ["upper2"]
-    (b / "adapter_config.json").write_text(json.dumps(meta))
+    (b / "csreft_config.json").write_text(json.dumps(meta))
     composed = compose_adapters(tiny_llama(), [a, b])
     assert composed.composition["overlap"]["layer 1"]["lo | copy"]["min_angle_deg"] == pytest.approx(0, abs=0.1)
 
@@ -146,12 +146,12 @@ def test_router_only_training_leaves_every_imported_edit_bit_identical(tmp_path,
     main(["train", "--init-adapter", str(lib), "--train", "router", "--skill-routing", "--data", str(data),
           "--model", str(tiny_model_dir), "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4",
           "--lr", "1e-2", "--logging-steps", "2", "--routing-loss-weight", "2.0"])
-    before, after = load_file(lib / "adapter_model.safetensors"), load_file(out / "adapter" / "adapter_model.safetensors")
+    before, after = load_file(lib / "csreft_model.safetensors"), load_file(out / "adapter" / "csreft_model.safetensors")
     assert before.keys() == after.keys()
     edits = [k for k in before if k.startswith("edits.")]
     assert edits and all(torch.equal(before[k], after[k]) for k in edits)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("router."))
-    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((out / "adapter" / "csreft_config.json").read_text())
     assert meta["metadata"]["skills"] == ["reverse", "double"] and meta["metadata"]["skill_routing"]
     assert meta["csreft_config"]["routing_loss_weight"] == 2.0
     summary = json.loads((out / "summary.json").read_text())

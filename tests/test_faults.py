@@ -98,14 +98,14 @@ def test_reused_directory_needs_resume_or_overwrite(tmp_path, tiny_model_dir):
     main(second + ["--overwrite"])
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
-    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((out / "adapter" / "csreft_config.json").read_text())
     assert meta["metadata"]["step"] == 2 and meta["metadata"]["run"]["parts"]["seed"] == 7
 
 
 def test_resume_at_the_last_step_trains_nothing_and_keeps_the_adapter(tmp_path, tiny_model_dir, capsys):
     argv = train_argv(tmp_path, tiny_model_dir, max_steps=4, save_steps=2)
     main(argv)
-    adapter = tmp_path / "out" / "adapter" / "adapter_model.safetensors"
+    adapter = tmp_path / "out" / "adapter" / "csreft_model.safetensors"
     before, inode = adapter.read_bytes(), adapter.stat().st_ino
     main(argv + ["--resume"])
     assert "nothing left to train" in capsys.readouterr().out
@@ -144,12 +144,12 @@ def _poison(checkpoint: Path, keep_checksum: bool) -> None:
     """NaN into one adapter tensor; with keep_checksum the config's checksum is updated too."""
     import hashlib
 
-    weights = checkpoint / "adapter_model.safetensors"
+    weights = checkpoint / "csreft_model.safetensors"
     state = load_file(weights)
     state["router.mlp.0.weight"][0, 0] = float("nan")
     save_file(state, weights, metadata={"format": "pt"})
     if keep_checksum:
-        cfg = checkpoint / "adapter_config.json"
+        cfg = checkpoint / "csreft_config.json"
         meta = json.loads(cfg.read_text())
         meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
         cfg.write_text(json.dumps(meta))
@@ -259,17 +259,17 @@ def test_saves_leave_normal_permissions_and_clean_up_a_killed_save(tmp_path, tin
 def test_damaged_adapters_are_refused_naming_file_and_tensor(tmp_path, tiny_csreft):
     path = tmp_path / "a"
     tiny_csreft.save_pretrained(path)
-    weights = path / "adapter_model.safetensors"
+    weights = path / "csreft_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="adapter_model.safetensors: checksum mismatch"):
+    with pytest.raises(ValueError, match="csreft_model.safetensors: checksum mismatch"):
         CSReftModel.from_pretrained(tiny_llama(), path)
     # without a checksum (as saved before checksums), the contents are still checked
     tiny_csreft.save_pretrained(path)
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = json.loads((path / "csreft_config.json").read_text())
     del meta["weights_sha256"]
-    (path / "adapter_config.json").write_text(json.dumps(meta))
+    (path / "csreft_config.json").write_text(json.dumps(meta))
     assert CSReftModel.from_pretrained(tiny_llama(), path) is not None  # an older adapter loads
     state = load_file(weights)
     key = "edits.1.0.parametrizations.basis.0.base"
@@ -296,9 +296,9 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
     latin1 = _write(tmp_path / "latin1.jsonl", '{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "reverse the word " * 40, "response": "x"}] * 3)
     (tmp_path / "bad_adapter").mkdir()
-    _write(tmp_path / "bad_adapter" / "adapter_config.json", "{not json")
+    _write(tmp_path / "bad_adapter" / "csreft_config.json", "{not json")
     cases = [
-        (["generate", "--adapter", str(tmp_path / "nowhere"), "--prompt", "hi"], "nowhere/adapter_config.json: missing"),
+        (["generate", "--adapter", str(tmp_path / "nowhere"), "--prompt", "hi"], "nowhere/csreft_config.json: missing"),
         (["generate", "--adapter", str(tmp_path / "bad_adapter"), "--prompt", "hi"], "not a valid csreft adapter config"),
         (["generate", "--model", model, "--prompts-file", latin1], "latin1.jsonl: not UTF-8 text (byte 0xe9"),
         (["eval", "--model", model, "--data", latin1], "latin1.jsonl: not UTF-8 text"),
@@ -326,7 +326,7 @@ def test_cli_error_from_a_real_process_has_no_traceback(tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("csreft generate: ") and "adapter_config.json: missing" in lines[0]
+    assert lines[0].startswith("csreft generate: ") and "csreft_config.json: missing" in lines[0]
 
 
 def test_config_values_go_through_the_flags_types(tmp_path):

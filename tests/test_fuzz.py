@@ -219,7 +219,7 @@ def edit_json(meta, where, key, value, drop):
 def test_fuzz_adapter_files(tmp_path, saved_adapter):
     seen = Counter()
     base = tiny_llama()
-    saved = load_file(saved_adapter / "adapter_model.safetensors")
+    saved = load_file(saved_adapter / "csreft_model.safetensors")
     tensor_names = sorted(saved)
 
     def outcome(path, must_refuse: bool) -> str:
@@ -245,7 +245,7 @@ def test_fuzz_adapter_files(tmp_path, saved_adapter):
         return path
 
     @FUZZ
-    @given(file=st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]),
+    @given(file=st.sampled_from(["csreft_model.safetensors", "csreft_config.json"]),
            ops=st.lists(mutation, min_size=1, max_size=3))
     def mutated_bytes(file, ops):
         path = fresh()
@@ -262,9 +262,9 @@ def test_fuzz_adapter_files(tmp_path, saved_adapter):
            value=option_values, drop=st.booleans())
     def edited_json(where, key, value, drop):
         path = fresh()
-        meta = json.loads((path / "adapter_config.json").read_text())
+        meta = json.loads((path / "csreft_config.json").read_text())
         edit_json(meta, where, key, value, drop)
-        (path / "adapter_config.json").write_text(json.dumps(meta))
+        (path / "csreft_config.json").write_text(json.dumps(meta))
         seen[outcome(path, must_refuse=False)] += 1
 
     @FUZZ
@@ -273,9 +273,9 @@ def test_fuzz_adapter_files(tmp_path, saved_adapter):
     def damaged_without_checksum(name, kind, factor, index):
         """Adapters saved before checksums: damage that the contents show must be refused."""
         path = fresh()
-        meta = json.loads((path / "adapter_config.json").read_text())
+        meta = json.loads((path / "csreft_config.json").read_text())
         del meta["weights_sha256"]
-        (path / "adapter_config.json").write_text(json.dumps(meta))
+        (path / "csreft_config.json").write_text(json.dumps(meta))
         state = {k: v.clone() for k, v in saved.items()}
         t = state[name]
         if kind in ("nan", "inf"):
@@ -289,7 +289,7 @@ def test_fuzz_adapter_files(tmp_path, saved_adapter):
             del state[name]
         else:
             state[name] = t.flatten()[: max(t.numel() - 1, 1)]
-        save_file(state, path / "adapter_model.safetensors")
+        save_file(state, path / "csreft_model.safetensors")
         seen[outcome(path, must_refuse=True)] += 1
 
     mutated_bytes()

@@ -211,8 +211,8 @@ def test_save_load_round_trip(tmp_path, tiny_csreft):
         ref = tiny_csreft(ids)
     tiny_csreft.save_pretrained(tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
-    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert files == ["csreft_config.json", "csreft_model.safetensors"]
+    meta = json.loads((tmp_path / "adapter" / "csreft_config.json").read_text())
     assert meta["base_model"]["hidden_size"] == 64 and meta["csreft_config"]["num_subspaces"] == 3
     loaded = CSReftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     with torch.no_grad():
@@ -225,13 +225,13 @@ def test_save_load_round_trip(tmp_path, tiny_csreft):
 
 def test_failed_save_keeps_previous_adapter(tmp_path, tiny_csreft, monkeypatch):
     tiny_csreft.save_pretrained(tmp_path / "adapter")
-    before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    before = (tmp_path / "adapter" / "csreft_model.safetensors").read_bytes()
     import csreft.integrity as m
 
     monkeypatch.setattr(m, "write_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         tiny_csreft.save_pretrained(tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    assert (tmp_path / "adapter" / "csreft_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
@@ -243,10 +243,10 @@ def test_load_on_another_base_fails_naming_the_mismatch(tmp_path, tiny_csreft, k
 
 
 def test_load_rejects_missing_or_corrupt_files(tmp_path, tiny_csreft):
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="csreft_config.json"):
         CSReftModel.from_pretrained(tiny_llama(), tmp_path)
     tiny_csreft.save_pretrained(tmp_path / "a")
-    (tmp_path / "a" / "adapter_config.json").write_text('{"csreft_config": {"rank": 0}}')
+    (tmp_path / "a" / "csreft_config.json").write_text('{"csreft_config": {"rank": 0}}')
     with pytest.raises(ValueError, match="rank=0"):
         CSReftModel.from_pretrained(tiny_llama(), tmp_path / "a")
 
@@ -401,3 +401,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_adapter_files_are_not_taken_for_peft_ones(tmp_path, tiny_csreft):
+    """Hugging Face tooling pointed at our folder says it is not theirs, instead of crashing on
+    a PEFT-named file that is not a PEFT adapter."""
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    tiny_csreft.save_pretrained(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["csreft_config.json", "csreft_model.safetensors"]
+    with pytest.raises(ValueError, match="Can't find"):
+        PeftConfig.from_pretrained(str(tmp_path / "a"))
+    with pytest.raises((OSError, ValueError), match="config.json"):  # no model here; not a KeyError
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "a"))
+
+
+def test_adapters_saved_under_the_old_names_still_load(tmp_path, tiny_csreft):
+    tiny_csreft.save_pretrained(tmp_path / "a")
+    for new, old in (("csreft_config.json", "adapter_config.json"), ("csreft_model.safetensors", "adapter_model.safetensors")):
+        (tmp_path / "a" / new).rename(tmp_path / "a" / old)
+    ids = torch.randint(3, 128, (2, 9))
+    loaded = CSReftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    assert torch.equal(loaded(ids).logits, tiny_csreft.eval()(ids).logits)
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"changed")  # still verified by its checksum
+    with pytest.raises(ValueError, match="adapter_model.safetensors: checksum mismatch"):
+        CSReftModel.from_pretrained(tiny_llama(), tmp_path / "a")

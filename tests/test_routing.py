@@ -170,10 +170,10 @@ def test_configs_saved_before_the_routing_options_still_load(tmp_path):
     model = get_csreft_model(tiny_llama(), CSReftConfig(layers=[1, 2], rank=2, num_subspaces=3))
     randomize_edits(model)
     model.save_pretrained(tmp_path / "a")
-    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "a" / "csreft_config.json").read_text())
     for name in ("shared_subspaces", "router_head", "router_layer", "balance_weight"):
         del meta["csreft_config"][name]
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "a" / "csreft_config.json").write_text(json.dumps(meta))
     loaded = type(model).from_pretrained(tiny_llama(), tmp_path / "a")
     ids = torch.randint(3, 128, (2, 12))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

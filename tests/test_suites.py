@@ -1,5 +1,6 @@
 """Evaluation suites: determinism, answer checkers, held-out composition, shared-data loaders."""
 
+import json
 import re
 from collections import Counter
 
@@ -159,3 +160,45 @@ def test_commonsense_suite_splits_piqa_disjointly_and_reads_answer_formats():
     for r in full.test:
         assert r["response"] in r["choices"] and r["choices"][0].startswith("the correct answer is ")
     assert Counter(r["skill"] for r in full.test)["piqa"] == len(test_idx)
+
+
+def _own_data(tmp_path, choices: bool):
+    def rec(skill, w):
+        r = {"prompt": f"{skill} the word {w}", "response": w[::-1] if skill == "reverse" else w.upper(), "skill": skill}
+        if choices:
+            r["choices"] = [r["response"], w]
+        return r
+    words = ["abc", "dog", "cat", "sun", "map", "pen", "cup", "hat"]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(rec(s, w)) + "\n" for s in ("reverse", "upper") for w in words[:6]))
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([rec(s, w) for s in ("reverse", "upper") for w in words[6:]]))
+    return str(train), str(test)
+
+
+def test_files_suite_reads_any_training_format_and_picks_scoring(tmp_path):
+    from csreft.suites import get_suite
+
+    train, test = _own_data(tmp_path, choices=False)
+    suite = get_suite("files", train=train, test=test, train_per_skill=4, test_per_skill=None)
+    assert suite.skills == ["reverse", "upper"] and suite.scoring == "exact"
+    assert len(suite.train) == 8 and len(suite.test) == 4 and suite.name.startswith("files:")
+    assert get_suite("files", train=train, test=test, train_per_skill=4).train == suite.train  # seeded
+    (tmp_path / "l").mkdir()
+    labelled = get_suite("files", train=train, test=_own_data(tmp_path / "l", choices=True)[1])
+    assert labelled.scoring == "label" and labelled.name != suite.name
+    (tmp_path / "noskill.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    with pytest.raises(ValueError, match="no 'skill' field"):
+        get_suite("files", train=str(tmp_path / "noskill.jsonl"), test=test)
+
+
+def test_compare_on_own_data(tmp_path, tiny_model_dir):
+    from csreft.compare import CompareOptions, compare
+
+    train, test = _own_data(tmp_path, choices=True)
+    report = compare(CompareOptions(train=train, test=test, methods=("base", "csreft"), seeds=1, max_steps=2,
+                                    batch_size=4, lr=1e-2, rank=2, layers=[1, 2], positions="f2+l2",
+                                    router_hidden=16, val_per_skill=1, eval_batch_size=8, model=str(tiny_model_dir),
+                                    output_dir=str(tmp_path / "out"), max_length=64, quiet=True))
+    assert report["suite"].startswith("files:") and report["skills"] == ["reverse", "upper"]
+    assert report["suite_info"]["sources"] == {"train": train, "test": test}

@@ -105,7 +105,7 @@ def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, tiny_model_dir
     for k, v in run.model.base_model.state_dict().items():
         assert torch.equal(v, base_before[k]), k
     out = Path(summary["adapter"])
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["csreft_config.json", "csreft_model.safetensors"]
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     logged = [r for r in log if "loss" in r]
     assert len(logged) == 15 and {"task_loss", "gate_entropy", "gate_active_frac", "gate_mean_2"} <= set(logged[0])
@@ -129,10 +129,10 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, tiny_model_dir):
     out_b = tmp_path / "b" / "out"
     assert sorted(p.name for p in out_b.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     assert not (out_b / "adapter").exists()
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= {p.name for p in (out_b / "checkpoint-3").iterdir()}
+    assert {"csreft_model.safetensors", "optimizer.pt", "scheduler.pt"} <= {p.name for p in (out_b / "checkpoint-3").iterdir()}
     fit(build(options(tmp_path / "b", tiny_model_dir, resume="latest", **common)))
-    a = load_file(tmp_path / "a" / "out" / "adapter" / "adapter_model.safetensors")
-    b = load_file(out_b / "adapter" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "a" / "out" / "adapter" / "csreft_model.safetensors")
+    b = load_file(out_b / "adapter" / "csreft_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_di
     run.trainer.add_callback(PoisonAt(run.model, 2))
     with pytest.raises(NonFiniteLossError, match="step 3.*checkpoint-2"):
         fit(run)
-    ckpt = load_file(tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors")
+    ckpt = load_file(tmp_path / "out" / "checkpoint-2" / "csreft_model.safetensors")
     assert all(torch.isfinite(t).all() for t in ckpt.values())
 
 
@@ -182,8 +182,10 @@ def test_cli_train_and_generate_through_adapter(tmp_path, tiny_model_dir, capsys
           "--layers", "1,2", "--positions", "f3+l3"])
     out = capsys.readouterr().out
     assert "training done: 4 steps" in out and "adapter saved to" in out
-    meta = json.loads((Path(opts["output_dir"]) / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((Path(opts["output_dir"]) / "adapter" / "csreft_config.json").read_text())
     assert meta["csreft_config"]["layers"] == [1, 2] and meta["metadata"]["skills"] == sorted(SKILLS)
+    command = meta["metadata"]["training"]["command"]  # for the model card: a command that reruns it
+    assert command.startswith("csreft train ") and "--layers 1,2" in command and "--max-steps 4" in command
     main(["generate", "--adapter", str(Path(opts["output_dir"]) / "adapter"), "--prompt", "reverse the word abc",
           "--max-new-tokens", "4"])
     assert capsys.readouterr().out.strip() != ""
