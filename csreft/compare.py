@@ -56,7 +56,7 @@ METHODS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora
 ROUTED = ("csreft", "csreft_supervised")
 # learning-rate grids, by family: ReFT edits take larger steps than LoRA's weight deltas
 LR_GRID_REFT = (1e-3, 3e-3, 9e-3)
-LR_GRID_LORA = (3e-4, 1e-3, 3e-3)
+LR_GRID_LORA = (3e-4, 1e-3, 3e-3, 9e-3)
 
 
 @dataclass
@@ -293,6 +293,19 @@ def gate_table(gates: torch.Tensor, records, skills) -> list[list[float]]:
     return rows
 
 
+_ROUTER_FIELDS = ("router_input", "router_head", "router_layer", "router_hidden", "gating", "threshold", "top_k",
+                  "sparsity_weight", "balance_weight", "routing_loss_weight")
+
+
+def _canonical(key: dict | None) -> dict | None:
+    """A run's key without the router settings of a model that has no router (LoReFT, the
+    specialists): a change of the router's defaults does not change those runs."""
+    config = (key or {}).get("config")
+    if not config or config.get("use_router", True):
+        return key
+    return {**key, "config": {k: v for k, v in config.items() if k not in _ROUTER_FIELDS}}
+
+
 def _evaluate(model, tokenizer, suite, opts, records) -> dict:
     res = evaluate_suite(model, tokenizer, suite, "test", records=records, batch_size=opts.eval_batch_size)
     if suite.composed and opts.eval_split == "test":
@@ -334,7 +347,7 @@ class _Runner:
         saved = run_dir / "result.json"
         if saved.is_file():
             old = json.loads(saved.read_text())
-            if old.get("key") == key:
+            if _canonical(old.get("key")) == _canonical(key):
                 self.params[method.label] = old.get("parameters", 0)
                 return old
         shutil.rmtree(run_dir, ignore_errors=True)  # another run's logs and results, not to be appended to

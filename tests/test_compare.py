@@ -176,3 +176,15 @@ def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch):
     again = compare(opts)
     assert again["methods"]["csreft"]["per_seed_accuracy"] == r["methods"]["csreft"]["per_seed_accuracy"]
     assert again["methods"]["lora"]["lr"] == r["methods"]["lora"]["lr"]
+
+
+def test_runs_without_a_router_do_not_depend_on_router_defaults():
+    from csreft.compare import _canonical
+
+    loreft = {"method": "loreft", "lr": 1e-3, "config": {"use_router": False, "rank": 8, "router_input": "mean",
+                                                         "balance_weight": 0.0}}
+    changed = {**loreft, "config": {**loreft["config"], "router_input": "head", "balance_weight": 2.0}}
+    assert _canonical(loreft) == _canonical(changed)
+    assert _canonical({**changed, "lr": 3e-3}) != _canonical(loreft)
+    routed = {**loreft, "config": {**loreft["config"], "use_router": True}}
+    assert _canonical(routed) != _canonical({**routed, "config": {**routed["config"], "balance_weight": 2.0}})
