@@ -214,9 +214,11 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, help=helps.get(name, f"default: {default}"))
 
 
+# lr 3e-3: what validation selection chose for both LoReFT and CS-ReFT on this suite
+# (docs/routing-study.md); a fixed lr keeps the demo's 10 minutes for training
 DEMO_DEFAULTS = dict(suite="builtin", methods=("base", "loreft", "csreft"), seeds=1, max_steps=None,
                      max_minutes=10.0, train_per_skill=60, test_per_skill=20, composed=30,
-                     val_per_skill=10, output_dir="runs/demo")
+                     val_per_skill=10, lr=3e-3, output_dir="runs/demo")
 _LISTS = ("methods", "layers", "lr_grid_reft", "lr_grid_lora")
 
 

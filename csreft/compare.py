@@ -320,6 +320,8 @@ def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_tr
     model = get_csreft_model(base, config)
     data = SupervisedDataset(suite.train[: opts.batch_size], tokenizer, opts.max_length)
     batch = Collator(tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    for statistics_only in ("answer_mask", "skill_ids"):  # what the trainer logs, not model inputs
+        batch.pop(statistics_only, None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
     times = []
     for _ in range(2):

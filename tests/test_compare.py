@@ -188,3 +188,14 @@ def test_runs_without_a_router_do_not_depend_on_router_defaults():
     assert _canonical({**changed, "lr": 3e-3}) != _canonical(loreft)
     routed = {**loreft, "config": {**loreft["config"], "use_router": True}}
     assert _canonical(routed) != _canonical({**routed, "config": {**routed["config"], "balance_weight": 2.0}})
+
+
+def test_demo_says_what_runs_and_ends_with_a_reading(tmp_path, tiny_model_dir, capsys):
+    main(["demo", "--model", str(tiny_model_dir), "--max-minutes", "0.2", "--layers", "1,2", "--rank", "2",
+          "--router-hidden", "16", "--train-per-skill", "6", "--test-per-skill", "2", "--val-per-skill", "1",
+          "--composed", "6", "--max-length", "64", "--output-dir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert "[csreft] loreft, seed 0: training" in out and "[csreft] csreft, seed 0: training" in out
+    assert "Reading: CS-ReFT (csreft) is" in out and "routing NMI" in out
+    assert "{'loss'" not in out and '"csreft_config"' not in out  # no raw log dictionaries or JSON dumps
+    assert f"full report: {tmp_path / 'demo' / 'report.md'}" in out
