@@ -38,6 +38,11 @@ def parse_positions(spec: str) -> tuple[int, int] | str:
     return first, last
 
 
+# what configurations saved before the routing options (shared subspaces, head/attention
+# router inputs, router_layer, balance term) meant: CSReftConfig.from_dict fills them in
+_BEFORE_ROUTING_OPTIONS = {"shared_subspaces": 0, "router_head": 8, "router_layer": None, "balance_weight": 0.0}
+
+
 @dataclass
 class CSReftConfig:
     """Configuration of k routed low-rank subspace edits on a frozen causal LM.
@@ -178,7 +183,8 @@ class CSReftConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown CSReftConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        # a saved config without the routing options was trained without them
+        return cls(**{**(_BEFORE_ROUTING_OPTIONS if "balance_weight" not in data else {}), **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

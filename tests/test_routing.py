@@ -167,7 +167,9 @@ def test_router_reading_an_earlier_layer_needs_no_first_pass():
 
 
 def test_configs_saved_before_the_routing_options_still_load(tmp_path):
-    model = get_csreft_model(tiny_llama(), CSReftConfig(layers=[1, 2], rank=2, num_subspaces=3))
+    # as saved before: the router read the mean of the prompt, no balance term
+    model = get_csreft_model(tiny_llama(), CSReftConfig(layers=[1, 2], rank=2, num_subspaces=3, router_input="mean",
+                                                        balance_weight=0.0))
     randomize_edits(model)
     model.save_pretrained(tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "csreft_config.json").read_text())
@@ -177,6 +179,8 @@ def test_configs_saved_before_the_routing_options_still_load(tmp_path):
     loaded = type(model).from_pretrained(tiny_llama(), tmp_path / "a")
     ids = torch.randint(3, 128, (2, 12))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    # the options it lacks take the meaning they had when it was trained, not today's defaults
+    assert loaded.csreft_config.balance_weight == 0.0 and loaded.csreft_config.shared_subspaces == 0
 
 
 @pytest.mark.parametrize("kwargs, message", [
