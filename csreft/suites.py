@@ -325,7 +325,8 @@ def find_data_dir(subfolder: str, files: list[str], data_dir=None) -> Path:
     where = ", ".join(str(p) for p in looked)
     raise SuiteUnavailable(
         f"the {subfolder} data is not available: looked for {subfolder}/{{{', '.join(files)}}} in "
-        f"{where}; set CSREFT_DATA (or pass data_dir) to the shared data folder"
+        f"{where}; build it with `csreft data --output DIR` (pip install 'csreft[data]') and set "
+        f"CSREFT_DATA=DIR (or pass data_dir=DIR)"
     )
 
 
@@ -402,6 +403,9 @@ def _file_suite(name, tasks, subfolder, train_per_skill, test_per_skill, seed, d
                  "the first n are taken (a larger n extends a smaller one)",
         **notes,
     }
+    provenance = root / subfolder / "SOURCES.json"  # written by `csreft data`
+    if provenance.is_file():
+        info["provenance"] = json.loads(provenance.read_text(encoding="utf-8"))
     return Suite(name, list(tasks), train, test, [], "label", info)
 
 
