@@ -1,4 +1,4 @@
-"""The `csreft` command line: info, generate, train, eval, compare, demo."""
+"""The `csreft` command line: info, generate, train, eval, compare, demo, data."""
 
 from __future__ import annotations
 
@@ -459,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: a reduced comparison on the built-in suite (~10 min on 2 CPU cores)")
     add_compare_options(demo, DEMO_DEFAULTS)
     demo.set_defaults(func=cmd_compare)
+
+    from .hub_data import add_data_parser
+
+    add_data_parser(sub)
 
     from .instruct_cli import add_instruct_parsers  # generate-eval, judge, response-nll, data prep
 
