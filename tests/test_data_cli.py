@@ -1,9 +1,7 @@
 """Prompt encoding details and the command line, on the tiny model where possible."""
 
-import json
 
 import pytest
-import torch
 
 from conftest import CharTokenizer, tiny_llama
 from csreft import CSReftConfig, get_csreft_model

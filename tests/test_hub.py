@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from conftest import randomize_edits, tiny_llama
 from csreft import CSReftConfig, get_csreft_model
