@@ -90,6 +90,7 @@ class CompareOptions:
     model: str | None = None
     output_dir: str = "runs/compare"
     quiet: bool = False  # no stage lines
+    report_only: bool = False  # train nothing: the report of the runs already in output_dir
 
 
 @dataclass
@@ -352,6 +353,8 @@ class _Runner:
             if _canonical(old.get("key")) == _canonical(key):
                 self.params[method.label] = old.get("parameters", 0)
                 return old
+        if self.opts.report_only:
+            return None
         shutil.rmtree(run_dir, ignore_errors=True)  # another run's logs and results, not to be appended to
         set_seed(seed)
         base, tokenizer, suite, opts = self.base, self.tokenizer, self.suite, self.opts
@@ -485,7 +488,10 @@ def compare(opts: CompareOptions) -> dict:
             res = runner.run(m, lr, 0, sel_stream, val, out / "selection" / f"{_slug(m.label)}-lr{lr:g}",
                              key_for(m, lr, 0, select_steps, "validation"))
             stages.ran(select_steps if time.time() - t > 1 else 0, time.time() - t)
-            scores[lr] = res["accuracy"]
+            if res is not None:
+                scores[lr] = res["accuracy"]
+        if not scores:  # report_only, nothing selected yet
+            continue
         best = max(scores.items(), key=lambda kv: (kv[1], -kv[0]))  # ties: the smaller lr
         selection[m.label] = {"grid": list(grid[m.label]), "validation_accuracy": {str(a): b for a, b in scores.items()},
                               "lr": best[0], "steps": select_steps}
@@ -496,7 +502,8 @@ def compare(opts: CompareOptions) -> dict:
             return float(m.lr)
         if opts.lr is not None:
             return opts.lr
-        return selection["loreft" if m.kind == "specialists" else m.label]["lr"]
+        chosen = selection.get("loreft" if m.kind == "specialists" else m.label)
+        return chosen["lr"] if chosen else None
 
     # 2. final runs: every seed, the selected learning rate, scored on eval_split
     runs: dict[str, list[dict]] = {m.label: [] for m in methods}
@@ -505,6 +512,8 @@ def compare(opts: CompareOptions) -> dict:
         stream = training_stream(pool, n_seen, seed)
         for m in methods:
             lr = None if m.kind == "base" else lr_of(m)
+            if m.kind != "base" and lr is None:  # report_only: no learning rate chosen yet
+                continue
             steps = 0 if m.kind == "base" else max_steps
             what = "scoring the frozen base" if m.kind == "base" else f"training {steps} steps at lr {lr:g}"
             stages.say(f"{m.label}, seed {seed}: {what}, then scoring {len(eval_records)} {opts.eval_split} records",
@@ -513,6 +522,9 @@ def compare(opts: CompareOptions) -> dict:
             res = runner.run(m, lr, seed, stream, eval_records, out / "runs" / f"{_slug(m.label)}-seed{seed}",
                              key_for(m, lr, seed, max_steps, opts.eval_split))
             stages.ran(steps if time.time() - t > 1 else 0, time.time() - t)
+            if res is None:  # report_only: this run is not there
+                stages.say(f"{m.label}, seed {seed}: not in {out}, left out of the report")
+                continue
             if "gates" in res:
                 plot_gates(res["gates"], suite.skills, out / f"gates-{_slug(m.label)}-seed{seed}.png",
                            f"{m.label}, seed {seed}: mean gate per skill")
@@ -520,6 +532,8 @@ def compare(opts: CompareOptions) -> dict:
             report = write_report(out, suite, runs, runner.params, base, opts, max_steps, time.time() - started,
                                   {name: c.to_dict() for name, c in configs.items()},
                                   {m.label: m.kind for m in methods}, selection)
+    if report is None:
+        raise ValueError(f"no finished run of these methods in {out}" if opts.report_only else "nothing was run")
     return report
 
 

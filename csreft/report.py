@@ -91,6 +91,7 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
             "train_seconds": statistics.mean(r["train_seconds"] for r in results),
             "eval_seconds": statistics.mean(r["seconds"] for r in results),
             "per_seed_accuracy": [r["accuracy"] for r in results],
+            "seeds": len(results),
             "lr": results[0].get("lr"),
             "validation_accuracy": (sel["validation_accuracy"].get(str(sel["lr"])) if sel else None),
             "lr_selection": sel,
@@ -162,6 +163,8 @@ def render_markdown(r: dict) -> str:
     for name, m in r["methods"].items():
         cells = [_fmt(m["per_skill"][s]["mean"], m["per_skill"][s]["sd"]) for s in skills]
         label = name + (f" (r={m['lora_rank']})" if m.get("lora_rank") else "")
+        if m.get("seeds", len(r["seeds"])) != len(r["seeds"]):
+            label += f" ({m['seeds']} seed{'s' if m['seeds'] > 1 else ''})"
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {_fmt(m['accuracy']['mean'], m['accuracy']['sd'])} | "
             f"{_fmt(m['composed_accuracy']['mean'])} | {_fmt(m['routing_nmi']['mean'], None, False)} | "

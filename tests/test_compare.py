@@ -199,3 +199,20 @@ def test_demo_says_what_runs_and_ends_with_a_reading(tmp_path, tiny_model_dir, c
     assert "Reading: CS-ReFT (csreft) is" in out and "routing NMI" in out
     assert "{'loss'" not in out and '"csreft_config"' not in out  # no raw log dictionaries or JSON dumps
     assert f"full report: {tmp_path / 'demo' / 'report.md'}" in out
+
+
+def test_report_only_uses_finished_runs_and_trains_nothing(tuned, monkeypatch, tmp_path):
+    import dataclasses
+    import shutil
+
+    import csreft.compare as cmp
+
+    r, out, opts = tuned
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    shutil.rmtree(partial / "runs" / "lora-seed0")  # as if the comparison was stopped before it
+    monkeypatch.setattr(cmp, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    again = compare(dataclasses.replace(opts, output_dir=str(partial), report_only=True))
+    assert "lora" not in again["methods"] and again["methods"]["csreft"] == r["methods"]["csreft"]
+    with pytest.raises(ValueError, match="no finished run"):
+        compare(dataclasses.replace(opts, output_dir=str(tmp_path / "empty"), report_only=True))
