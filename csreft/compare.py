@@ -482,8 +482,9 @@ def compare(opts: CompareOptions) -> dict:
     for m in to_select:
         scores = {}
         for lr in grid[m.label]:
-            stages.say(f"selecting lr for {m.label}: lr {lr:g}, {select_steps} steps, scored on "
-                       f"{len(val)} validation records", select_steps)
+            if not opts.report_only:
+                stages.say(f"selecting lr for {m.label}: lr {lr:g}, {select_steps} steps, scored on "
+                           f"{len(val)} validation records", select_steps)
             t = time.time()
             res = runner.run(m, lr, 0, sel_stream, val, out / "selection" / f"{_slug(m.label)}-lr{lr:g}",
                              key_for(m, lr, 0, select_steps, "validation"))
@@ -516,8 +517,9 @@ def compare(opts: CompareOptions) -> dict:
                 continue
             steps = 0 if m.kind == "base" else max_steps
             what = "scoring the frozen base" if m.kind == "base" else f"training {steps} steps at lr {lr:g}"
-            stages.say(f"{m.label}, seed {seed}: {what}, then scoring {len(eval_records)} {opts.eval_split} records",
-                       steps * (2 if m.kind == "specialists" else 1))
+            if not opts.report_only:
+                stages.say(f"{m.label}, seed {seed}: {what}, then scoring {len(eval_records)} {opts.eval_split} records",
+                           steps * (2 if m.kind == "specialists" else 1))
             t = time.time()
             res = runner.run(m, lr, seed, stream, eval_records, out / "runs" / f"{_slug(m.label)}-seed{seed}",
                              key_for(m, lr, seed, max_steps, opts.eval_split))
