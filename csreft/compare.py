@@ -146,7 +146,7 @@ def parse_methods(spec) -> list[Method]:
             raise ValueError(f"--methods {item}: lr={overrides['lr']!r} must be a number > 0")
         if kind in ROUTED:
             try:
-                CSReftConfig(**overrides_for_config(overrides))
+                CSReftConfig(**{k: v for k, v in overrides.items() if k != "lr"})
             except (TypeError, ValueError) as err:
                 raise ValueError(f"--methods {item}: {err}") from None
         label = kind + (f"[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else "")
@@ -166,10 +166,6 @@ def scalar(text: str):
             pass
     low = text.lower()
     return {"true": True, "false": False, "none": None, "null": None}.get(low, text)
-
-
-def overrides_for_config(overrides: dict) -> dict:
-    return {k: v for k, v in overrides.items() if k != "lr"}
 
 
 def training_stream(records: list[dict], n: int, seed: int) -> list[dict]:

@@ -203,7 +203,7 @@ def render_markdown(r: dict) -> str:
     if chosen:
         lines += ["", "Learning rates: validation accuracy (%) per grid value, seed 0, "
                   f"{next(iter(chosen.values()))['steps']} steps each; the best is used (ties: the smaller).", "",
-                  "| method | " + " | ".join("lr" for _ in range(1)) + " grid: validation accuracy | chosen |", "|---|---|---|"]
+                  "| method | lr grid: validation accuracy | chosen |", "|---|---|---|"]
         for n, s in chosen.items():
             grid = ", ".join(f"{float(lr):g}: {100 * acc:.1f}" for lr, acc in s["validation_accuracy"].items())
             lines.append(f"| {n} | {grid} | {s['lr']:g} |")
