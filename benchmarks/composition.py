@@ -12,9 +12,18 @@ Trains, on the suite's single-skill training records (composed prompts are never
               (--train router, supervised routing; the imported edits stay bit-identical).
 Then scores, by exact match of greedy outputs:
   learned router        each model routes by itself (test and composed records);
-  explicit union        gates = the composed record's two component skills (skills=[a, b]);
+  explicit union        gates = the composed record's two component skills, each at every
+                        value of --union-gates (1: both edits whole, "add"; 0.5: their mean,
+                        like an adapter average); test records get their own skill's gate alone;
   removal               supervised adapter, router gates with one skill's gate set to 0 or -1:
                         accuracy on that skill's test records and on the other skills'.
+Composed records are scored twice: exact match of the two-skill answer, and "one part": the
+output is what one component skill alone gives (reverse+upper: the reversed word or the
+upper-cased word; sentiment+upper: the label in lower case or the upper-cased sentence;
+sort+reverse: the numbers sorted ascending or in reversed input order), which tells a union that
+applies one skill from one that applies neither.
+--reuse takes the adapters an earlier run with the same training arguments left in OUTPUT_DIR
+(only the scoring runs again).
 Writes OUTPUT_DIR/composition.json (everything, per-record outputs and step times) and
 OUTPUT_DIR/composition.md (the table). --model takes any base csreft.load_base reads
 (default SmolLM2-135M-Instruct); the test runs it on a tiny random model.
@@ -36,7 +45,7 @@ from csreft import CSReftModel, load_base  # noqa: E402
 from csreft.compose import compose_to_directory  # noqa: E402
 from csreft.data import encode_example, pad_batch, template_parts  # noqa: E402
 from csreft.generation import generate_texts  # noqa: E402
-from csreft.suites import builtin_suite  # noqa: E402
+from csreft.suites import builtin_suite, check_answer  # noqa: E402
 from csreft.train import run as train_run  # noqa: E402
 
 
@@ -59,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest answer + 8 tokens")
     p.add_argument("--removal-skills", default="all", help="skills whose gate is zeroed / negated ('all' or a,b)")
+    p.add_argument("--union-gates", default="1,0.5", help="gate values of the explicit unions (comma-separated)")
+    p.add_argument("--reuse", action="store_true", help="reuse the adapters of an earlier run in OUTPUT_DIR "
+                   "(its training arguments must be these)")
     return p.parse_args(argv)
 
 
@@ -80,13 +92,45 @@ def write_jsonl(path: Path, records) -> str:
     return str(path)
 
 
-def train(args, out: Path, data: str, steps: int, **options) -> Path:
-    """Train with the csreft recipe; returns the adapter directory."""
+TRAINING_ARGS = ("model", "seed", "train_per_skill", "test_per_skill", "composed", "steps", "specialist_steps",
+                 "router_steps", "batch_size", "lr", "layers", "rank", "positions", "max_length")
+
+
+def check_reuse(args, out: Path) -> None:
+    """Record the training arguments; with --reuse, refuse adapters trained with other ones."""
+    ours = {k: getattr(args, k) for k in TRAINING_ARGS}
+    saved_file = out / "training-args.json"
+    if args.reuse and saved_file.exists():
+        saved = json.loads(saved_file.read_text())
+        diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in ours.items() if saved.get(k) != v]
+        if diff:
+            sys.exit(f"error: --reuse: {out} holds adapters trained with other arguments ({'; '.join(diff)})")
+    out.mkdir(parents=True, exist_ok=True)
+    saved_file.write_text(json.dumps(ours, indent=2))
+
+
+def train(args, timer, name: str, out: Path, data: str, steps: int, **options) -> Path:
+    """Train with the csreft recipe (or, with --reuse, take the adapter already there)."""
+    if args.reuse and (out / "adapter" / "csreft_config.json").exists():
+        return out / "adapter"  # timer keeps the earlier run's training time
     opts = dict(model=args.model, data=data, output_dir=str(out), max_steps=steps, batch_size=args.batch_size,
                 lr=args.lr, seed=args.seed, logging_steps=max(1, steps // 10), max_length=args.max_length,
                 layers=args.layers, rank=args.rank, positions=args.positions)
-    train_run({**opts, **options})  # None: not given (an --init-adapter run keeps the adapter's)
+    timer(name, train_run, {**opts, **options})  # None: not given (an --init-adapter run keeps the adapter's)
     return out / "adapter"
+
+
+def component_answers(record: dict) -> list[tuple[str, str]]:
+    """(answer, check kind) of each component skill alone on a composed record's input."""
+    x, task = record["input"], record["skill"]
+    if task == "reverse+upper":
+        return [(x[::-1], "exact"), (x.upper(), "exact")]
+    if task == "sentiment+upper":
+        return [(record["response"].lower(), "exact"), (x.upper(), "exact")]
+    if task == "sort+reverse":
+        nums = x.split()
+        return [(" ".join(sorted(nums, key=int)), "numbers"), (" ".join(reversed(nums)), "numbers")]
+    raise ValueError(f"no component answers for composed task {task!r}")
 
 
 def score(suite, model, tokenizer, records, max_new_tokens, gates=None, skills=None) -> dict:
@@ -96,14 +140,20 @@ def score(suite, model, tokenizer, records, max_new_tokens, gates=None, skills=N
     outputs = generate_texts(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
                              gates=gates, skills=skills)
     correct = [bool(suite.check(r, o)) for r, o in zip(records, outputs)]
+    composed = all("skills" in r for r in records)
+    one_part = [composed and not c and any(check_answer(kind, answer, o) for answer, kind in component_answers(r))
+                for r, o, c in zip(records, outputs, correct)]
     per_task = {}
-    for r, c in zip(records, correct):
-        t = per_task.setdefault(r["skill"], {"n": 0, "correct": 0})
-        t["n"], t["correct"] = t["n"] + 1, t["correct"] + c
+    for r, c, part in zip(records, correct, one_part):
+        t = per_task.setdefault(r["skill"], {"n": 0, "correct": 0, "one_part": 0})
+        t["n"], t["correct"], t["one_part"] = t["n"] + 1, t["correct"] + c, t["one_part"] + part
     for t in per_task.values():
         t["accuracy"] = t["correct"] / t["n"]
     mean = sum(t["accuracy"] for t in per_task.values()) / max(1, len(per_task))
-    return {"accuracy": mean, "per_task": per_task, "outputs": outputs, "correct": correct}
+    result = {"accuracy": mean, "per_task": per_task, "outputs": outputs, "correct": correct}
+    if composed:
+        result["one_part"] = sum(one_part) / max(1, len(one_part))
+    return result
 
 
 @torch.no_grad()
@@ -143,17 +193,22 @@ def _mean(correct, idx):
 
 
 def table(results: dict, tasks: list[str]) -> str:
-    lines = ["| model | gates | test (mean over skills) | composed (mean) | " + " | ".join(tasks) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
-    for name, r in results["rows"].items():
+    lines = ["| model | gates | test (mean over skills) | composed (mean) | one part only | "
+             + " | ".join(tasks) + " |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+    for r in results["rows"].values():
         comp = r.get("composed")
-        cells = [f"{comp['per_task'][t]['correct']}/{comp['per_task'][t]['n']}" if comp else "-" for t in tasks]
+        cells = [f"{comp['per_task'][t]['correct']}/{comp['per_task'][t]['n']} "
+                 f"({comp['per_task'][t]['one_part']})" if comp else "-" for t in tasks]
         test = f"{r['test']['accuracy']:.3f}" if r.get("test") else "-"
         mean = f"{comp['accuracy']:.3f}" if comp else "-"
-        lines.append(f"| {r['model']} | {r['gates']} | {test} | {mean} | " + " | ".join(cells) + " |")
+        part = f"{comp['one_part']:.3f}" if comp else "-"
+        lines.append(f"| {r['model']} | {r['gates']} | {test} | {mean} | {part} | " + " | ".join(cells) + " |")
     lines += ["", "Exact match of greedy outputs. Test records under explicit gates get their own skill's "
-              "gate alone; composed records get both component skills' gates."]
-    lines += ["", "Removal (supervised CS-ReFT; router gates with one skill's gate replaced):", "",
+              "gate alone; composed records get both component skills' gates at the value shown. "
+              "\"one part only\": composed outputs that are not right but equal one component skill's "
+              "own answer (in brackets per task)."]
+    lines += ["", "Removal (supervised CS-ReFT; router gates with one skill's gate replaced in every row):", "",
               "| skill | own: router | own: gate 0 | own: gate -1 | others: router | others: gate 0 | others: gate -1 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for s, row in results["removal"].items():
@@ -162,29 +217,51 @@ def table(results: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def union_gates(model, records, value: float) -> torch.Tensor:
+    """(N, k) gates: each composed record's component skills at `value`, the rest 0."""
+    gates = torch.zeros(len(records), model.csreft_config.num_subspaces)
+    for i, r in enumerate(records):
+        for s in r["skills"]:
+            gates[i, model.skill_names.index(s)] = value
+    return gates
+
+
+def unions(evaluate, name, label, model, test, composed, values):
+    """Explicit unions at each gate value; test records (own skill's gate alone) scored once, at 1."""
+    for v in values:
+        evaluate(f"{name}-union" + ("" if v == 1 else f"-{v:g}"), label, f"explicit union, gates {v:g} each", model,
+                 {"skills": [[r["skill"]] for r in test]} if v == 1 else None,
+                 {"gates": union_gates(model, composed, v)})
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
+    union_values = [float(v) for v in args.union_gates.split(",")]
+    check_reuse(args, out)
     timer = Timer()
+    if args.reuse and (out / "composition.json").exists():  # training times of the adapters reused
+        timer.seconds = {k: v for k, v in json.loads((out / "composition.json").read_text())["seconds"].items()
+                         if k.startswith(("train ", "compose "))}
     suite = builtin_suite(args.seed, args.train_per_skill, args.test_per_skill, args.composed)
     skills = sorted(suite.skills)
     data = write_jsonl(out / "data" / "train.jsonl", suite.train)
 
-    supervised = timer("train supervised CS-ReFT", train, args, out / "supervised", data, args.steps,
+    supervised = train(args, timer, "train supervised CS-ReFT", out / "supervised", data, args.steps,
                        num_subspaces=len(skills), skill_routing=True)
     specialists = []
     for s in skills:
         own = write_jsonl(out / "data" / f"train-{s}.jsonl", [r for r in suite.train if r["skill"] == s])
-        specialists.append(timer(f"train specialist {s}", train, args, out / "specialists" / s, own,
+        specialists.append(train(args, timer, f"train specialist {s}", out / "specialists" / s, own,
                                  args.specialist_steps, num_subspaces=1, use_router=False))
     base, tokenizer = load_base(args.model) if args.model else load_base()
-    timer("compose library", compose_to_directory, base, specialists, out / "library", seed=args.seed).remove_hooks()
-    routed_library = timer("train library router", train, args, out / "library-router", data, args.router_steps,
+    if not (args.reuse and (out / "library" / "csreft_config.json").exists()):
+        timer("compose library", compose_to_directory, base, specialists, out / "library", seed=args.seed).remove_hooks()
+    routed_library = train(args, timer, "train library router", out / "library-router", data, args.router_steps,
                            init_adapter=str(out / "library"), train="router", skill_routing=True,
                            layers=None, rank=None, positions=None)
 
     test, composed = suite.test, suite.composed
-    union = [r["skills"] for r in composed]
     results = {"args": vars(args), "skills": skills, "rows": {}, "seconds": timer.seconds}
 
     def evaluate(name, model_label, gates_label, model, test_kw=None, composed_kw=None):
@@ -199,15 +276,13 @@ def main(argv=None):
     evaluate("base", "base model", "-", base, {}, {})
     model = CSReftModel.from_pretrained(base, supervised)
     evaluate("supervised-router", "CS-ReFT, supervised routing", "learned router", model, {}, {})
-    evaluate("supervised-union", "CS-ReFT, supervised routing", "explicit union of the 2 skills", model,
-             {"skills": [[r["skill"]] for r in test]}, {"skills": union})
+    unions(evaluate, "supervised", "CS-ReFT, supervised routing", model, test, composed, union_values)
     chosen = skills if args.removal_skills == "all" else [s.strip() for s in args.removal_skills.split(",")]
     results["removal"] = timer("removal", removal, suite, model, tokenizer, test, chosen, args)
     model.remove_hooks()
     model = CSReftModel.from_pretrained(base, routed_library)
     evaluate("library-router", "library of 6 specialists", "router trained on top", model, {}, {})
-    evaluate("library-union", "library of 6 specialists", "explicit union of the 2 skills", model,
-             {"skills": [[r["skill"]] for r in test]}, {"skills": union})
+    unions(evaluate, "library", "library of 6 specialists", model, test, composed, union_values)
     model.remove_hooks()
 
     tasks = list(dict.fromkeys(r["skill"] for r in composed))
