@@ -32,6 +32,7 @@ OUTPUT_DIR/composition.md (the table). --model takes any base csreft.load_base r
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest answer + 8 tokens")
     p.add_argument("--removal-skills", default="all", help="skills whose gate is zeroed / negated ('all' or a,b)")
     p.add_argument("--union-gates", default="1,0.5", help="gate values of the explicit unions (comma-separated)")
+    p.add_argument("--gate-grid", default="0.5,1,1.5", help="per-skill gate values tried on validation composed "
+                   "records ('' to skip)")
+    p.add_argument("--composed-val", type=int, default=30, help="validation composed records (other inputs)")
     p.add_argument("--reuse", action="store_true", help="reuse the adapters of an earlier run in OUTPUT_DIR "
                    "(its training arguments must be these)")
     return p.parse_args(argv)
@@ -208,6 +212,9 @@ def table(results: dict, tasks: list[str]) -> str:
               "gate alone; composed records get both component skills' gates at the value shown. "
               "\"one part only\": composed outputs that are not right but equal one component skill's "
               "own answer (in brackets per task)."]
+    for name, choice in results.get("gate_choice", {}).items():
+        lines.append(f"Gates chosen for {name} on the validation composed records ({len(choice['validation'])} "
+                     "pairs tried; first skill/second skill): " + "; ".join(f"{t} {a:g}/{b:g}" for t, (a, b) in choice["chosen"].items()))
     lines += ["", "Removal (supervised CS-ReFT; router gates with one skill's gate replaced in every row):", "",
               "| skill | own: router | own: gate 0 | own: gate -1 | others: router | others: gate 0 | others: gate -1 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -217,21 +224,42 @@ def table(results: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def union_gates(model, records, value: float) -> torch.Tensor:
-    """(N, k) gates: each composed record's component skills at `value`, the rest 0."""
+def union_gates(model, records, value) -> torch.Tensor:
+    """(N, k) gates: each composed record's component skills at `value` (one number, or per task a
+    pair in the order of record["skills"]), the rest 0."""
     gates = torch.zeros(len(records), model.csreft_config.num_subspaces)
     for i, r in enumerate(records):
-        for s in r["skills"]:
-            gates[i, model.skill_names.index(s)] = value
+        pair = value[r["skill"]] if isinstance(value, dict) else (value, value)
+        for s, v in zip(r["skills"], pair):
+            gates[i, model.skill_names.index(s)] = v
     return gates
 
 
-def unions(evaluate, name, label, model, test, composed, values):
-    """Explicit unions at each gate value; test records (own skill's gate alone) scored once, at 1."""
+def choose_gates(suite, model, tokenizer, val, grid, max_new_tokens) -> dict:
+    """Per composed task, the pair of component gates from grid x grid with the most exact matches
+    on the validation composed records (ties: more "one part", then the pair nearest (1, 1))."""
+    tried = {}
+    for pair in itertools.product(grid, grid):
+        res = score(suite, model, tokenizer, val, max_new_tokens, gates=union_gates(model, val, {
+            r["skill"]: pair for r in val}))
+        tried[f"{pair[0]:g},{pair[1]:g}"] = {t: [v["correct"], v["one_part"]] for t, v in res["per_task"].items()}
+    chosen = {}
+    for task in dict.fromkeys(r["skill"] for r in val):
+        best = max(tried, key=lambda k: (*tried[k][task], -sum(abs(float(g) - 1) for g in k.split(","))))
+        chosen[task] = [float(g) for g in best.split(",")]
+    return {"chosen": chosen, "validation": tried}
+
+
+def unions(evaluate, name, label, model, test, composed, values, chosen=None):
+    """Explicit unions at each gate value (test records, own skill's gate alone, scored once, at 1)
+    and at the per-task gates chosen on validation."""
     for v in values:
         evaluate(f"{name}-union" + ("" if v == 1 else f"-{v:g}"), label, f"explicit union, gates {v:g} each", model,
                  {"skills": [[r["skill"]] for r in test]} if v == 1 else None,
                  {"gates": union_gates(model, composed, v)})
+    if chosen is not None:
+        evaluate(f"{name}-union-chosen", label, "explicit union, gates chosen on validation", model, None,
+                 {"gates": union_gates(model, composed, chosen["chosen"])})
 
 
 def main(argv=None):
@@ -262,7 +290,18 @@ def main(argv=None):
                            layers=None, rank=None, positions=None)
 
     test, composed = suite.test, suite.composed
-    results = {"args": vars(args), "skills": skills, "rows": {}, "seconds": timer.seconds}
+    grid = [float(v) for v in args.gate_grid.split(",")] if args.gate_grid else []
+    seen = {r["prompt"] for r in composed}  # validation: further composed inputs, also unseen in training
+    val = [r for r in builtin_suite(args.seed, args.train_per_skill, args.test_per_skill,
+                                    args.composed + args.composed_val).composed if r["prompt"] not in seen]
+
+    def gate_choice(name, model):
+        if not (grid and val):
+            return None
+        results["gate_choice"][name] = timer(f"choose gates {name}", choose_gates, suite, model, tokenizer, val, grid,
+                                             args.max_new_tokens)
+        return results["gate_choice"][name]
+    results = {"args": vars(args), "skills": skills, "rows": {}, "gate_choice": {}, "seconds": timer.seconds}
 
     def evaluate(name, model_label, gates_label, model, test_kw=None, composed_kw=None):
         row = {"model": model_label, "gates": gates_label}
@@ -276,13 +315,15 @@ def main(argv=None):
     evaluate("base", "base model", "-", base, {}, {})
     model = CSReftModel.from_pretrained(base, supervised)
     evaluate("supervised-router", "CS-ReFT, supervised routing", "learned router", model, {}, {})
-    unions(evaluate, "supervised", "CS-ReFT, supervised routing", model, test, composed, union_values)
+    unions(evaluate, "supervised", "CS-ReFT, supervised routing", model, test, composed, union_values,
+           gate_choice("supervised", model))
     chosen = skills if args.removal_skills == "all" else [s.strip() for s in args.removal_skills.split(",")]
     results["removal"] = timer("removal", removal, suite, model, tokenizer, test, chosen, args)
     model.remove_hooks()
     model = CSReftModel.from_pretrained(base, routed_library)
     evaluate("library-router", "library of 6 specialists", "router trained on top", model, {}, {})
-    unions(evaluate, "library", "library of 6 specialists", model, test, composed, union_values)
+    unions(evaluate, "library", "library of 6 specialists", model, test, composed, union_values,
+           gate_choice("library", model))
     model.remove_hooks()
 
     tasks = list(dict.fromkeys(r["skill"] for r in composed))

@@ -44,7 +44,11 @@ def test_composition_benchmark_smoke(tmp_path, tiny_model_dir):
     module.main(argv)
     result = json.loads((out / "composition.json").read_text())
     assert set(result["rows"]) == {"base", "supervised-router", "supervised-union", "supervised-union-0.5",
-                                   "library-router", "library-union", "library-union-0.5"}
+                                   "supervised-union-chosen", "library-router", "library-union", "library-union-0.5",
+                                   "library-union-chosen"}
+    choice = result["gate_choice"]["library"]
+    assert len(choice["validation"]) == 9 and set(choice["chosen"]) == {"reverse+upper", "sentiment+upper", "sort+reverse"}
+    assert all(a in (0.5, 1, 1.5) and b in (0.5, 1, 1.5) for a, b in choice["chosen"].values())
     assert "test" not in result["rows"]["library-union-0.5"] and 0 <= result["rows"]["base"]["composed"]["one_part"] <= 1
     assert set(result["rows"]["library-union"]["composed"]["per_task"]) == {"reverse+upper", "sentiment+upper",
                                                                           "sort+reverse"}
@@ -62,3 +66,12 @@ def test_composition_benchmark_smoke(tmp_path, tiny_model_dir):
     # ... and refuses adapters trained with other arguments
     with pytest.raises(SystemExit, match="steps: 2 there, 3 now"):
         module.main([*argv[:argv.index("--steps")], "--steps", "3", *argv[argv.index("--steps") + 2:], "--reuse"])
+
+
+def test_union_gates_put_each_tasks_pair_on_its_skills_in_order():
+    from types import SimpleNamespace
+    module = load_module()
+    model = SimpleNamespace(csreft_config=SimpleNamespace(num_subspaces=3), skill_names=["a", "b", "c"])
+    records = [{"skill": "c+a", "skills": ["c", "a"]}, {"skill": "a+b", "skills": ["a", "b"]}]
+    assert module.union_gates(model, records, 0.5).tolist() == [[0.5, 0, 0.5], [0.5, 0.5, 0]]
+    assert module.union_gates(model, records, {"c+a": (2, -1), "a+b": (1, 0)}).tolist() == [[-1, 0, 2], [1, 0, 0]]
