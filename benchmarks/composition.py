@@ -4,6 +4,7 @@
     python benchmarks/composition.py [--model NAME] [--output-dir runs/composition]
         [--train-per-skill 60 --test-per-skill 20 --composed 30] [--steps 300]
         [--specialist-steps 100 --router-steps 100] [--removal-skills all|sort,upper]
+        [--union-gates 1,0.5] [--gate-grid 0.5,1,1.5 --composed-val 30] [--reuse]
 
 Trains, on the suite's single-skill training records (composed prompts are never trained on):
   supervised  one CS-ReFT adapter, k = 6, supervised routing (--skill-routing);
@@ -15,6 +16,9 @@ Then scores, by exact match of greedy outputs:
   explicit union        gates = the composed record's two component skills, each at every
                         value of --union-gates (1: both edits whole, "add"; 0.5: their mean,
                         like an adapter average); test records get their own skill's gate alone;
+  chosen union          per task, the pair of gates from --gate-grid x --gate-grid (0.5,1,1.5)
+                        that scores best on --composed-val further composed records (inputs
+                        unseen in training and not among the test ones), then scored on the test;
   removal               supervised adapter, router gates with one skill's gate set to 0 or -1:
                         accuracy on that skill's test records and on the other skills'.
 Composed records are scored twice: exact match of the two-skill answer, and "one part": the
