@@ -117,9 +117,13 @@ def check_reuse(args, out: Path) -> None:
     saved_file.write_text(json.dumps(ours, indent=2))
 
 
+def reusable(args, adapter: Path) -> bool:
+    return args.reuse and (adapter / "csreft_config.json").exists()
+
+
 def train(args, timer, name: str, out: Path, data: str, steps: int, **options) -> Path:
     """Train with the csreft recipe (or, with --reuse, take the adapter already there)."""
-    if args.reuse and (out / "adapter" / "csreft_config.json").exists():
+    if reusable(args, out / "adapter"):
         return out / "adapter"  # timer keeps the earlier run's training time
     opts = dict(model=args.model, data=data, output_dir=str(out), max_steps=steps, batch_size=args.batch_size,
                 lr=args.lr, seed=args.seed, logging_steps=max(1, steps // 10), max_length=args.max_length,
@@ -217,8 +221,9 @@ def table(results: dict, tasks: list[str]) -> str:
               "\"one part only\": composed outputs that are not right but equal one component skill's "
               "own answer (in brackets per task)."]
     for name, choice in results.get("gate_choice", {}).items():
+        pairs = "; ".join(f"{t} {a:g}/{b:g}" for t, (a, b) in choice["chosen"].items())
         lines.append(f"Gates chosen for {name} on the validation composed records ({len(choice['validation'])} "
-                     "pairs tried; first skill/second skill): " + "; ".join(f"{t} {a:g}/{b:g}" for t, (a, b) in choice["chosen"].items()))
+                     f"pairs tried; first skill/second skill): {pairs}")
     lines += ["", "Removal (supervised CS-ReFT; router gates with one skill's gate replaced in every row):", "",
               "| skill | own: router | own: gate 0 | own: gate -1 | others: router | others: gate 0 | others: gate -1 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -287,7 +292,7 @@ def main(argv=None):
         specialists.append(train(args, timer, f"train specialist {s}", out / "specialists" / s, own,
                                  args.specialist_steps, num_subspaces=1, use_router=False))
     base, tokenizer = load_base(args.model) if args.model else load_base()
-    if not (args.reuse and (out / "library" / "csreft_config.json").exists()):
+    if not reusable(args, out / "library"):
         timer("compose library", compose_to_directory, base, specialists, out / "library", seed=args.seed).remove_hooks()
     routed_library = train(args, timer, "train library router", out / "library-router", data, args.router_steps,
                            init_adapter=str(out / "library"), train="router", skill_routing=True,
