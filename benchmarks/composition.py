@@ -47,11 +47,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from csreft import CSReftModel, load_base  # noqa: E402
-from csreft.compose import compose_to_directory  # noqa: E402
 from csreft.data import encode_example, pad_batch, template_parts  # noqa: E402
 from csreft.generation import generate_texts  # noqa: E402
-from csreft.suites import builtin_suite, check_answer  # noqa: E402
-from csreft.train import run as train_run  # noqa: E402
+from csreft.evaluation.suites import builtin_suite, check_answer  # noqa: E402
+from csreft.training.recipe import run as train_run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -293,7 +292,9 @@ def main(argv=None):
                                  args.specialist_steps, num_subspaces=1, use_router=False))
     base, tokenizer = load_base(args.model) if args.model else load_base()
     if not reusable(args, out / "library"):
-        timer("compose library", compose_to_directory, base, specialists, out / "library", seed=args.seed).remove_hooks()
+        library = timer("compose library", CSReftModel.from_adapters, base, specialists, seed=args.seed)
+        library.save_pretrained(out / "library", metadata=library.composition)
+        library.remove_hooks()
     routed_library = train(args, timer, "train library router", out / "library-router", data, args.router_steps,
                            init_adapter=str(out / "library"), train="router", skill_routing=True,
                            layers=None, rank=None, positions=None)

@@ -139,7 +139,7 @@ def parse_args(argv=None):
 
 def csreft_options(text):
     """"router_layer=12,router_input=last" -> {"router_layer": 12, "router_input": "last"}."""
-    from csreft.compare import scalar
+    from csreft.comparison.methods import scalar
 
     pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
     return {k.strip(): scalar(v.strip()) for k, v in pairs}

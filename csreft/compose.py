@@ -4,7 +4,7 @@ Each imported adapter (LoReFT, k = 1, or CS-ReFT with k subspaces, its always-on
 included) becomes subspaces of the composed model that keep their own basis, W and b, so the
 composed config has independent bases (orthogonal_subspaces=False). With only adapter i's
 gates on, the composed model computes adapter i's edits exactly (the other subspaces add
-exact zeros): compose_adapters(...)(x, gates=[0.., g_i, ..0]) == adapter_i(x, gates=g_i).
+exact zeros): CSReftModel.from_adapters(...)(x, gates=[0.., g_i, ..0]) == adapter_i(x, gates=g_i).
 
 Compatibility: every adapter must share positions, share_positions and intervention (they
 decide where and how all edits act). Different layers are merged: an adapter that does not
@@ -20,6 +20,9 @@ adapters' subspaces is reported as principal angles per edited layer (90 degrees
 The composed model gets a fresh router (router=True, the default): it is untrained, so use
 explicit gates/skills, or train it alone with `csreft train --init-adapter DIR --train router`.
 router=False composes without a router: every imported edit is then on unless gates say otherwise.
+
+This module holds the library's math and checks on plain tensors; CSReftModel.from_adapters
+loads the adapters and assembles the model with it.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ import torch
 
 from .config import CSReftConfig
 from .gates import subspace_names
-from .integrity import read_adapter_config
-from .model import CSReftModel, atomic_directory
 
 MUST_MATCH = ("positions", "share_positions", "intervention")
 ROUTER_OPTIONS = ("router_input", "router_head", "router_layer", "router_hidden", "gating", "threshold",
@@ -48,23 +49,19 @@ def _names(directory: Path, meta: dict, config: CSReftConfig) -> list[str]:
     return names + [f"{directory.name}.shared{j}" for j in range(config.shared_subspaces)]
 
 
-def _read(base, directory: Path) -> dict:
-    """One adapter's identity, names and, per (layer, group), its bases Q (d, n*r), W, b."""
-    model = CSReftModel.from_pretrained(base, directory)  # checks files, shapes and the base
-    meta = read_adapter_config(directory)
-    try:
-        with torch.no_grad():
-            edits = {(int(layer), g): (e.stacked_basis().detach().clone(), e.weight.detach().clone(),
-                                       e.bias.detach().clone())
-                     for layer, groups in model.edits.items() for g, e in enumerate(groups)}
-    finally:
-        model.remove_hooks()
+def library_part(directory: Path, model, meta: dict) -> dict:
+    """One imported adapter (loaded as `model`, its csreft_config.json read as `meta`): its
+    identity, names and, per (layer, group), its bases Q (d, n*r), W, b."""
+    with torch.no_grad():
+        edits = {(int(layer), g): (e.stacked_basis().detach().clone(), e.weight.detach().clone(),
+                                   e.bias.detach().clone())
+                 for layer, groups in model.edits.items() for g, e in enumerate(groups)}
     config = model.csreft_config
     return {"dir": directory, "config": config, "identity": meta.get("base_model", {}), "edits": edits,
             "names": _names(directory, meta, config), "metadata": meta.get("metadata") or {}}
 
 
-def _check_compatible(adapters: list[dict]) -> None:
+def check_compatible(adapters: list[dict]) -> None:
     first = adapters[0]
     for a in adapters[1:]:
         for key in MUST_MATCH:
@@ -151,33 +148,28 @@ def overlap_report(adapters: list[dict]) -> dict:
     return report
 
 
-def compose_adapters(base, directories, router: bool = True, seed: int = 0, **router_options) -> CSReftModel:
-    """One CSReftModel on `base` from the adapters in `directories` (see the module doc).
-
-    router_options: CSReftConfig router fields for the fresh router (router_input, gating,
-    ...). The result carries .skill_names and .composition (metadata: sources, overlap).
-    """
+def library_config(adapters: list[dict], router: bool = True, **router_options) -> CSReftConfig:
+    """The composed config: every adapter's layers, the largest rank, one subspace per skill,
+    independent bases; router_options are CSReftConfig router fields for the fresh router."""
     unknown = sorted(set(router_options) - set(ROUTER_OPTIONS))
     if unknown:
         raise ValueError(f"compose: unknown option(s) {unknown}; router options are {', '.join(ROUTER_OPTIONS)}")
-    directories = [Path(d) for d in directories]
-    if not directories:
-        raise ValueError("compose: give at least one adapter directory")
-    adapters = [_read(base, d) for d in directories]
-    _check_compatible(adapters)
+    check_compatible(adapters)
     for a in adapters:  # the overlap report's label: the folder name, with its parent where not unique
         unique = sum(b["dir"].name == a["dir"].name for b in adapters) == 1
         a["label"] = a["dir"].name if unique else f"{a['dir'].parent.name}/{a['dir'].name}"
     first = adapters[0]["config"]
-    rank = max(a["config"].rank for a in adapters)
-    layers = sorted({layer for a in adapters for layer in a["config"].layers})
-    names = [n for a in adapters for n in a["names"]]
-    config = CSReftConfig(layers=layers, rank=rank, num_subspaces=len(names), positions=first.positions,
-                          share_positions=first.share_positions, intervention=first.intervention,
-                          orthogonal_subspaces=False, use_router=router, **router_options)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CSReftModel(base, config)
+    return CSReftConfig(layers=sorted({layer for a in adapters for layer in a["config"].layers}),
+                        rank=max(a["config"].rank for a in adapters),
+                        num_subspaces=sum(len(a["names"]) for a in adapters), positions=first.positions,
+                        share_positions=first.share_positions, intervention=first.intervention,
+                        orthogonal_subspaces=False, use_router=router, **router_options)
+
+
+def fill_library(model, adapters: list[dict], seed: int = 0) -> None:
+    """Set the composed model's edits (built from library_config) to the adapters' subspaces,
+    and its skill names and .composition (sources, overlap) for the saved metadata."""
+    config = model.csreft_config
     for layer, groups in model.edits.items():
         for g, edit in enumerate(groups):
             blocks = []
@@ -188,23 +180,14 @@ def compose_adapters(base, directories, router: bool = True, seed: int = 0, **ro
                            (found[0][:, s * r:(s + 1) * r], found[1][s * r:(s + 1) * r], found[2][s * r:(s + 1) * r])
                            for s in range(n)]
             fill_subspaces(edit, blocks, config.intervention == "loreft", seed)
-    model.skill_names = names
+    model.skill_names = [n for a in adapters for n in a["names"]]
     model.composition = {
-        "skills": names,
+        "skills": model.skill_names,
         "composed_from": [{"adapter": str(a["dir"]), "skills": a["names"], "rank": a["config"].rank,
                            "layers": a["config"].layers, "base_model": a["identity"]} for a in adapters],
         "overlap": overlap_report(adapters),
         "router_trained": False,
     }
-    return model.eval()
-
-
-def compose_to_directory(base, directories, output_dir, **options) -> CSReftModel:
-    """compose_adapters, then write the adapter to output_dir atomically: nothing is written
-    unless the whole composition succeeds."""
-    model = compose_adapters(base, directories, **options)
-    atomic_directory(output_dir, lambda tmp: model.write_adapter(tmp, model.composition))
-    return model
 
 
 def overlap_lines(composition: dict) -> list[str]:

@@ -52,27 +52,49 @@ class CSReftConfig:
     outputs of `layers`, at the first/last prompt positions given by `positions`.
     """
 
-    layers: list[int] = field(default_factory=lambda: [3, 9, 18, 24])
-    rank: int = 4
-    num_subspaces: int = 4
-    positions: str = "f7+l7"
-    share_positions: bool = True  # one edit for first and last positions, or one each
-    intervention: str = "loreft"
-    orthogonal_subspaces: bool = True  # all k bases from one orthonormal d x (k*r) matrix
-    shared_subspaces: int = 0  # always-on edits (gate 1) beside the k routed ones
-    use_router: bool = True  # False: every gate is 1 (k = 1 without router is LoReFT)
-    router_input: str = "head"  # the request: see docs/routing-study.md for why not "mean"
-    router_head: int = 4  # tokens read by router_input="head"
-    router_layer: int | None = None  # the layer whose input the router reads; None: layers[0]
-    router_hidden: int | None = None  # None: d // 2, the paper's router
-    gating: str = "soft"
-    threshold: float = 0.5
-    top_k: int = 1
-    sparsity_weight: float = 0.0
-    balance_weight: float = 2.0  # weight of the information-maximising balance term
-    routing_loss_weight: float = 1.0  # weight of the supervised routing loss (skill labels)
-    dropout: float = 0.0  # dropout on the low-rank edit coordinates during training
-    format_version: int = FORMAT_VERSION
+    _argument_group_name = "CS-ReFT configuration (CSReftConfig)"  # the group of its flags in --help
+
+    layers: list[int] = field(default_factory=lambda: [3, 9, 18, 24], metadata={
+        "help": "decoder layers whose outputs are edited, e.g. 3,9,18,24", "metavar": "L,L,..."})
+    rank: int = field(default=4, metadata={"help": "r, the rank of each subspace"})
+    num_subspaces: int = field(default=4, metadata={"help": "k, the number of routed edits (skills)"})
+    positions: str = field(default="f7+l7", metadata={
+        "help": "prompt positions edited: fN, lN, fN+lN (first/last N prompt tokens) or all"})
+    share_positions: bool = field(default=True, metadata={
+        "help": "one edit for first and last positions (true), or one each (overlaps then get both)"})
+    intervention: str = field(default="loreft", metadata={
+        "help": "the edit: loreft R^T(Wh + b - Rh), or direft R^T(Wh + b)", "choices": INTERVENTIONS})
+    orthogonal_subspaces: bool = field(default=True, metadata={
+        "help": "all k bases from one orthonormal d x (k r) matrix (isolated skills), or k independent ones"})
+    shared_subspaces: int = field(default=0, metadata={
+        "help": "always-on edits (gate 1) beside the k routed ones, for what every skill shares"})
+    use_router: bool = field(default=True, metadata={
+        "help": "route the edits; false: every gate is 1 (k = 1 without a router is LoReFT)"})
+    router_input: str = field(default="head", metadata={
+        "help": "what the router reads of the prompt: mean of its hidden states, first / last token, "
+                "head (mean of the first router_head tokens), attention (learned pooling); see "
+                "docs/results/routing-study.md", "choices": ROUTER_INPUTS})
+    router_head: int = field(default=4, metadata={"help": "tokens read by router_input=head"})
+    router_layer: int | None = field(default=None, metadata={
+        "help": "the layer whose input the router reads (default: the first edited layer); a higher "
+                "one costs a first pass of the base up to it"})
+    router_hidden: int | None = field(default=None, metadata={
+        "help": "router MLP width (default: d // 2, the paper's; small values work)"})
+    gating: str = field(default="soft", metadata={
+        "help": "soft sigmoid gates; hard 0/1 at threshold (straight-through gradient); topk keeps "
+                "top_k; anneal moves from soft to hard over training", "choices": GATINGS})
+    threshold: float = field(default=0.5, metadata={"help": "gate threshold of hard gating, in (0, 1)"})
+    top_k: int = field(default=1, metadata={"help": "subspaces kept by topk gating"})
+    sparsity_weight: float = field(default=0.0, metadata={
+        "help": "weight of Omega, the mean gate value (pushes gates to 0)"})
+    balance_weight: float = field(default=2.0, metadata={
+        "help": "weight of the balance term: low entropy of each input's gates, high entropy of the "
+                "batch's mean gate (without it unsupervised gates collapse to one vector)"})
+    routing_loss_weight: float = field(default=1.0, metadata={
+        "help": "weight of the supervised routing loss, BCE(gates, one-hot skill), when skills are given"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout on the low-rank edit coordinates during training, in [0, 1)"})
+    format_version: int = field(default=FORMAT_VERSION, init=False)  # checked by from_dict
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,6 +205,10 @@ class CSReftConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown CSReftConfig field(s) {unknown}; known: {sorted(names)}")
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format_version={version!r} is not valid: this csreft reads format {FORMAT_VERSION}")
         # a saved config without the routing options was trained without them
         return cls(**{**(_BEFORE_ROUTING_OPTIONS if "balance_weight" not in data else {}), **data})
 

@@ -90,7 +90,7 @@ def resolve_gates(gates, skills, names: list[str] | None, k: int, batch: int) ->
 @contextmanager
 def steering(model, gates=None, skills=None):
     """Within the block, every call of `model` that gets no gates/skills of its own uses these
-    (one row for any batch): e.g. to score a composition with csreft.evaluation functions.
+    (one row for any batch): e.g. to score a composition with csreft.evaluation.scoring functions.
 
         with steering(model, skills="reverse,upper"):
             evaluate_suite(model, tokenizer, suite, records=composed)

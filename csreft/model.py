@@ -29,10 +29,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.utils import ModelOutput
 
+from . import compose
 from .base_models import find_decoder_layers, model_identity
 from .checks import check_forward_inputs, check_spans
 from .config import CSReftConfig
-from .distributed import numel
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
 from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_directory, check_against,
@@ -96,6 +96,12 @@ class _Context:
                 gates = torch.cat([gates, gates.new_ones(gates.shape[0], shared)], -1)
             self._on_device[device] = (groups, gates)
         return self._on_device[device]
+
+
+def numel(p: torch.Tensor) -> int:
+    """Number of values of a parameter, whole even where ZeRO-3 has partitioned it (`ds_numel`;
+    a DTensor's numel() is already the global one)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -498,12 +504,30 @@ class CSReftModel(nn.Module):
                           commit_message=commit_message)
 
     @classmethod
-    def from_adapters(cls, base_model: nn.Module, directories, **options) -> "CSReftModel":
-        """One model from separately trained adapters, each imported as subspaces of its own
-        (a skill library); see csreft.compose.compose_adapters for the options."""
-        from .compose import compose_adapters
-
-        return compose_adapters(base_model, directories, **options)
+    def from_adapters(cls, base_model: nn.Module, directories, router: bool = True, seed: int = 0,
+                      **router_options) -> "CSReftModel":
+        """One model from separately trained adapters, each imported as subspaces of its own (a
+        skill library, see csreft.compose): with only adapter i's gates on it computes adapter
+        i's edits exactly. `router`: a fresh (untrained) router, or none; router_options:
+        CSReftConfig router fields for it (router_input, gating, ...). The result carries
+        .skill_names and .composition (sources, overlap): save it with
+        save_pretrained(dir, metadata=model.composition)."""
+        directories = [Path(d) for d in directories]
+        if not directories:
+            raise ValueError("compose: give at least one adapter directory")
+        parts = []
+        for directory in directories:
+            part = cls.from_pretrained(base_model, directory)  # checks files, shapes and the base
+            try:
+                parts.append(compose.library_part(directory, part, read_adapter_config(directory)))
+            finally:
+                part.remove_hooks()
+        config = compose.library_config(parts, router, **router_options)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(base_model, config)
+        compose.fill_library(model, parts, seed)
+        return model.eval()
 
     def remove_hooks(self) -> nn.Module:
         """Detach the edits and return the untouched base model."""

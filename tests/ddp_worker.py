@@ -15,8 +15,8 @@ try:  # DeepSpeed's shared-memory all-reduce serves inference only; skip compili
 except ImportError:
     pass
 
-from csreft.distributed import full_adapter_state, is_partitioned
-from csreft.train import build, fit
+from csreft.training.distributed import full_adapter_state, is_partitioned
+from csreft.training.recipe import build, fit
 
 opts = json.loads(Path(sys.argv[1]).read_text())
 run = build(opts)

@@ -14,7 +14,7 @@ from torch.distributed.fsdp import fully_shard
 from conftest import randomize_edits, tiny_llama
 from csreft import CSReftConfig, get_csreft_model
 from csreft.base_models import find_decoder_layers
-from csreft.distributed import full_adapter_state
+from csreft.training.distributed import full_adapter_state
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from csreft.cli import main
-import csreft.train  # noqa: F401  (imported before forking, like the CLI would)
+import csreft.training.recipe  # noqa: F401  (imported before forking, like the CLI would)
 
 
 def start(argv: list[str]) -> int:

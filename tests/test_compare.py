@@ -5,9 +5,10 @@ import statistics
 
 import pytest
 
-from csreft.compare import CompareOptions, compare, training_stream
+from csreft.comparison.options import CompareOptions
+from csreft.comparison.runner import compare, training_stream
 from csreft.cli import main
-from csreft.report import _slug
+from csreft.comparison.report import _slug
 
 
 def test_training_stream_is_seeded_and_cycles():
@@ -92,8 +93,8 @@ def test_cli_rejects_unknown_method(capsys):
 
 
 def test_validation_split_is_carved_from_train_and_disjoint_from_test():
-    from csreft.compare import split_validation
-    from csreft.suites import get_suite
+    from csreft.comparison.runner import split_validation
+    from csreft.evaluation.suites import get_suite
 
     suite = get_suite("builtin", train_per_skill=10, test_per_skill=4, composed=6)
     pool, val = split_validation(suite, 3)
@@ -105,7 +106,7 @@ def test_validation_split_is_carved_from_train_and_disjoint_from_test():
 
 
 def test_method_variants_parse_and_bad_ones_are_named():
-    from csreft.compare import parse_methods
+    from csreft.comparison.methods import parse_methods
 
     methods = parse_methods("loreft,csreft[gating=hard,sparsity_weight=1e-2],lora[lr=3e-4]")
     assert [m.label for m in methods] == ["loreft", "csreft[gating=hard,sparsity_weight=0.01]", "lora[lr=0.0003]"]
@@ -167,7 +168,7 @@ def test_lora_at_two_budgets(tuned):
 
 def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch):
     r, out, opts = tuned
-    import csreft.compare as cmp
+    import csreft.comparison.runner as cmp
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -179,7 +180,7 @@ def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch):
 
 
 def test_runs_without_a_router_do_not_depend_on_router_defaults():
-    from csreft.compare import _canonical
+    from csreft.comparison.runner import _canonical
 
     loreft = {"method": "loreft", "lr": 1e-3, "config": {"use_router": False, "rank": 8, "router_input": "mean",
                                                          "balance_weight": 0.0}}
@@ -205,7 +206,7 @@ def test_report_only_uses_finished_runs_and_trains_nothing(tuned, monkeypatch, t
     import dataclasses
     import shutil
 
-    import csreft.compare as cmp
+    import csreft.comparison.runner as cmp
 
     r, out, opts = tuned
     partial = tmp_path / "partial"

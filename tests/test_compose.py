@@ -8,7 +8,8 @@ import torch
 from conftest import randomize_edits, tiny_llama
 from csreft import CSReftConfig, CSReftModel, get_csreft_model
 from csreft.cli import main
-from csreft.compose import compose_adapters
+
+compose_adapters = CSReftModel.from_adapters
 
 ADAPTERS = {  # name: (config, metadata)
     "cs": (dict(layers=[1, 2], rank=2, num_subspaces=2), {"skills": ["reverse", "sort"], "skill_routing": True}),

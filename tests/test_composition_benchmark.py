@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from csreft.suites import builtin_suite, check_answer
+from csreft.evaluation.suites import builtin_suite, check_answer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "composition.py"
 

@@ -63,7 +63,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     2 processes: DDP, ZeRO-2, ZeRO-3. Shuffled, so all see the same seeded order."""
     root = tmp_path_factory.mktemp("sharded")
     common = dict(max_steps=4, batch_size=3, logging_steps=1)
-    from csreft.train import build, fit
+    from csreft.training.recipe import build, fit
 
     fit(build(options(root / "single", tiny_model_dir, grad_accum=2, **common)))
     outs = {"single": root / "single" / "out"}
@@ -132,19 +132,20 @@ def test_parameters_are_contiguous(tiny_csreft):
 
 
 def test_engine_flags_reach_training_arguments(monkeypatch, tmp_path):
-    from csreft import cli, train
+    from csreft import cli
+    from csreft.cli.options import given
+    from csreft.training import options, trainer
 
     seen = {}
-    monkeypatch.setattr(train, "TrainingArguments", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(trainer, "TrainingArguments", lambda **kw: seen.update(kw))
     args = cli.build_parser().parse_args(["train", "--data", "x.jsonl", "--deepspeed", "ds.json",
                                           "--fsdp", "full_shard auto_wrap", "--fsdp-config", "fsdp.json"])
-    opts = {**train.DEFAULTS, **cli.merged_options(args)}
-    train.training_arguments(opts)
+    trainer.training_arguments(options.split_options(given(args))[0])
     assert (seen["deepspeed"], seen["fsdp"], seen["fsdp_config"]) == ("ds.json", "full_shard auto_wrap", "fsdp.json")
 
 
 def test_resume_under_deepspeed_is_refused(tmp_path, tiny_model_dir):
-    from csreft.train import build
+    from csreft.training.recipe import build
 
     with pytest.raises(ValueError, match="--resume with --deepspeed is not supported"):
         build(options(tmp_path, tiny_model_dir, deepspeed="ds.json", resume="latest"))

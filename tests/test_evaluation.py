@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-import csreft.evaluation as evaluation
+import csreft.evaluation.scoring as evaluation
 from conftest import CharTokenizer, randomize_edits, tiny_llama
 from csreft import CSReftConfig, CSReftModel, get_csreft_model
 from csreft.data import encode_example, pad_batch
-from csreft.evaluation import (
-    candidate_logprobs, evaluate_suite, exact_match_accuracy, mcnemar, paired_bootstrap, response_nll,
-    score_choices,
+from csreft.evaluation.scoring import (
+    candidate_logprobs, evaluate_suite, exact_match_accuracy, response_nll, score_choices,
 )
-from csreft.suites import Suite, builtin_suite
+from csreft.evaluation.stats import mcnemar, paired_bootstrap
+from csreft.evaluation.suites import Suite, builtin_suite
 
 
 RECORDS = [

@@ -20,7 +20,8 @@ from csreft import CSReftConfig, get_csreft_model
 from csreft.cli import main
 from csreft.integrity import checkpoint_problems
 from csreft.model import CSReftModel
-from csreft.train import NonFiniteLossError, build, fit
+from csreft.training.recipe import build, fit
+from csreft.training.trainer import NonFiniteLossError
 from test_train import PoisonAt, options, skill_records, write_jsonl
 
 ROOT = Path(__file__).parent.parent
@@ -330,7 +331,11 @@ def test_cli_error_from_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_config_values_go_through_the_flags_types(tmp_path):
-    from csreft.cli import read_options_file
+    from csreft.cli import command_parser
+    from csreft.cli.config_file import read_options_file as read_file
+
+    def read_options_file(path):
+        return read_file(path, command_parser("train"))
 
     path = _write(tmp_path / "run.yaml", 'lr: 2e-3\nbf16: "false"\nuse_router: "yes"\nmax_steps: 8.0\nresume: true\n')
     assert read_options_file(path) == {"lr": 2e-3, "bf16": False, "use_router": True, "max_steps": 8,

@@ -17,11 +17,16 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_llama
-from csreft.cli import read_options_file
+from csreft.cli import command_parser
+from csreft.cli.config_file import read_options_file as _read_options_file
 from csreft.config import CSReftConfig
 from csreft.data import DataError, load_records
 from csreft.model import CSReftModel
-from csreft.train import DEFAULTS, validate_options
+from csreft.training.options import DEFAULTS, split_options
+
+
+def read_options_file(path):
+    return _read_options_file(path, command_parser("train"))
 
 FUZZ = settings(max_examples=250, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -154,9 +159,8 @@ def config_outcome(path) -> str:
         elif kind is str:
             assert isinstance(value, str), (key, value)
     try:  # and then checked as the flags' values are
-        merged = {**DEFAULTS, "data": "x.jsonl", **opts}
-        validate_options(merged)
-        CSReftConfig(**{k: v for k, v in merged.items() if k in CSReftConfig.__dataclass_fields__})
+        training, config_fields = split_options({"data": "x.jsonl", **opts})
+        CSReftConfig(**config_fields)
     except ValueError:
         return "parsed, then refused"
     return "accepted"

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from csreft import hub_data
+from csreft.evaluation import suite_data as hub_data
 from csreft.cli import main
-from csreft.suites import SuiteUnavailable, classification_suite, commonsense_suite
+from csreft.evaluation.suites import SuiteUnavailable, classification_suite, commonsense_suite
 
 datasets = pytest.importorskip("datasets", reason="the `data` extra (datasets) is not installed")
 

@@ -11,9 +11,17 @@ import torch
 import csreft.generation
 from conftest import tiny_llama, tiny_tokenizer
 from csreft import CSReftConfig, get_csreft_model, load_base
-from csreft.cli import config_from_options, main, read_options_file
-from csreft.evaluation import response_nll
-from csreft.instruct_eval import (
+from csreft.cli import command_parser, main
+from csreft.cli.config_file import read_options_file as _read_options_file
+from csreft.cli.info import config_from_options
+
+
+def read_options_file(path):
+    return _read_options_file(path, command_parser("train"))
+
+from csreft.evaluation.scoring import response_nll
+from csreft.training.options import TRAINING_FIELDS
+from csreft.evaluation.instruct import (
     data_root, generate_outputs, judge_pairwise, load_instructions, sidecar_paths,
     split_alpaca_eval, ultrafeedback_best, win_rate,
 )
@@ -224,13 +232,14 @@ def test_paper_config_parameter_count_for_llama2_7b(capsys, monkeypatch):
     main(["info", "--config", str(CONFIGS / "paper-llama2-7b.yaml")])
     out = capsys.readouterr().out
     assert "524,352" in out and "8,398,852" in out and "0.0078%" in out and "0.1324%" in out
+    assert "base model: meta-llama/Llama-2-7b-hf" in out  # the file's model, not the default
 
 
 def test_train_reads_the_recipes_and_ignores_base_shape(monkeypatch):
-    import csreft.train
+    import csreft.training.recipe
 
     seen = []
-    monkeypatch.setattr(csreft.train, "run", lambda opts: seen.append(opts))
+    monkeypatch.setattr(csreft.training.recipe, "run", lambda opts: seen.append(opts))
     main(["train", "--config", str(CONFIGS / "paper-llama2-7b.yaml")])
     main(["train", "--config", str(CONFIGS / "smollm2-alpaca-cpu.yaml"), "--num-subspaces", "1", "--rank", "16",
           "--no-use-router"])
@@ -239,7 +248,7 @@ def test_train_reads_the_recipes_and_ignores_base_shape(monkeypatch):
     assert (cpu["num_subspaces"], cpu["rank"], cpu["use_router"]) == (1, 16, False)
     for opts in seen:
         config_from_options(opts)
-        assert set(opts) <= set(csreft.train.DEFAULTS) | set(CSReftConfig.__dataclass_fields__)
+        assert set(opts) <= set(TRAINING_FIELDS) | set(CSReftConfig.__dataclass_fields__)
 
 
 def test_judge_and_nll_commands_write_reports(tmp_path, tiny_model_dir):
@@ -257,3 +266,30 @@ def test_judge_and_nll_commands_write_reports(tmp_path, tiny_model_dir):
     main(["response-nll", "--data", str(src), "--model", str(tiny_model_dir), "--report", str(tmp_path / "nll.json")])
     nll = json.loads((tmp_path / "nll.json").read_text())
     assert nll["without_reference"] == 1 and nll["examples"] == 3 and nll["nll"] > 0
+
+
+def test_every_command_that_loads_an_adapter_takes_a_hub_repo_and_refuses_batch_size_0(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """One loading path for every command: `org/name` goes through csreft.hub.resolve_adapter
+    (stubbed here to a local folder) in generate, eval, generate-eval and response-nll alike."""
+    import csreft.hub
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_csreft_model(base, CSReftConfig(layers=[1], rank=2, num_subspaces=1, use_router=False))
+    model.save_pretrained(tmp_path / "adapter")  # its base_model names tiny_model_dir
+    local = csreft.hub.resolve_adapter
+    asked = []
+    monkeypatch.setattr(csreft.hub, "resolve_adapter", lambda name, *a, **k: asked.append(name) or local(
+        tmp_path / "adapter" if name == "org/name" else name, *a, **k))
+    src = instruction_file(tmp_path / "in.json", n=2)
+    main(["generate", "--adapter", "org/name", "--prompt", "hi", "--max-new-tokens", "2"])
+    main(["generate-eval", "--adapter", "org/name", "--instructions", str(src), "--output", str(tmp_path / "o.json"),
+          "--max-new-tokens", "2"])
+    main(["response-nll", "--adapter", "org/name", "--data", str(src)])
+    assert asked.count("org/name") == 6  # each command: the base's name, then the adapter itself
+    for command in (["generate", "--prompt", "hi"], ["generate-eval", "--output", "x.json"], ["eval", "--data", "x"],
+                    ["response-nll", "--data", "x"], ["judge", "--outputs", "a", "--reference", "b"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--batch-size", "0"])
+        assert exit_.value.code == 2 and "0 is not valid: an integer >= 1" in capsys.readouterr().err

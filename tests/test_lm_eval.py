@@ -12,7 +12,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'cs
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import csreft.lm_eval  # noqa: E402,F401  (registers the model)
+import csreft.integrations.lm_eval  # noqa: E402,F401  (registers the model)
 from conftest import randomize_edits  # noqa: E402
 from csreft import CSReftConfig, CSReftModel, get_csreft_model, load_base  # noqa: E402
 from csreft.data import encode_example  # noqa: E402
@@ -74,7 +74,7 @@ def test_scores_equal_a_direct_forward_and_differ_from_the_base(setup, tiny_mode
     root, _ = setup
     args = dict(pretrained=tiny_model_dir, adapter=root / "adapter")
     got, samples = scores(setup, chat=chat, **args)
-    lm = csreft.lm_eval.CSReftLM(**args)
+    lm = csreft.integrations.lm_eval.CSReftLM(**args)
     pairs, starts = [], []
     for s in samples:
         for args_ in s["arguments"]:
@@ -105,7 +105,7 @@ def test_empty_context_is_a_clear_error(setup, tiny_model_dir):
     from lm_eval.api.instance import Instance
 
     root, _ = setup
-    lm = csreft.lm_eval.CSReftLM(pretrained=str(tiny_model_dir), adapter=str(root / "adapter"))
+    lm = csreft.integrations.lm_eval.CSReftLM(pretrained=str(tiny_model_dir), adapter=str(root / "adapter"))
     request = Instance("loglikelihood", doc={}, arguments=("", " abc"), idx=0,
                        metadata=("csreft_tiny", 3, 1))
     with pytest.raises(ValueError, match="empty context"):
@@ -116,7 +116,7 @@ def test_generation_edits_the_prompt(setup, tiny_model_dir):
     from lm_eval.api.instance import Instance
 
     root, _ = setup
-    lm = csreft.lm_eval.CSReftLM(pretrained=str(tiny_model_dir), adapter=str(root / "adapter"), batch_size=2)
+    lm = csreft.integrations.lm_eval.CSReftLM(pretrained=str(tiny_model_dir), adapter=str(root / "adapter"), batch_size=2)
     prompts = ["reverse the word abc", "count the letters of dog"]
     requests = [Instance("generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": 5}), idx=i)
                 for i, p in enumerate(prompts)]
@@ -130,9 +130,16 @@ def test_generation_edits_the_prompt(setup, tiny_model_dir):
 
 
 def test_launcher_runs_lm_eval_cli_with_the_model_registered(setup, tiny_model_dir, tmp_path, capsys):
+    from csreft.cli import main
+
     root, _ = setup
-    csreft.lm_eval.main(["run", "--model", "csreft", "--model_args",
-                         f"pretrained={tiny_model_dir},adapter={root / 'adapter'}", "--tasks", "csreft_tiny",
-                         "--include_path", str(root / "tasks"), "--device", "cpu", "--batch_size", "2"])
+    args = ["run", "--model", "csreft", "--model_args", f"pretrained={tiny_model_dir},adapter={root / 'adapter'}",
+            "--tasks", "csreft_tiny", "--include_path", str(root / "tasks"), "--device", "cpu", "--batch_size", "2"]
+    csreft.integrations.lm_eval.main(args)
     out = capsys.readouterr().out
     assert "csreft_tiny" in out and "acc" in out
+    main(["lm-eval", *args])  # the same through `csreft lm-eval`
+    assert capsys.readouterr().out.count("csreft_tiny") == out.count("csreft_tiny")
+    with pytest.raises(SystemExit):  # lm_eval's own help, not csreft's
+        main(["lm-eval", "--help"])
+    assert "Language Model Evaluation Harness" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_llama
 from csreft import CSReftModel
 from csreft.cli import main
-from csreft.pyreft import convert_pyreft
+from csreft.integrations.pyreft import convert_pyreft
 
 LOREFT = "<class 'pyreft.interventions.LoreftIntervention'>"
 

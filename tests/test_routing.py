@@ -9,7 +9,7 @@ import torch
 from conftest import randomize_edits, tiny_llama
 from csreft import CSReftConfig, Router, get_csreft_model
 from csreft.router import balance_loss
-from csreft.routing import routing_nmi
+from csreft.router import routing_nmi
 
 
 def test_nmi_is_one_for_separated_skills_and_zero_for_shared_gates():
@@ -205,7 +205,7 @@ def test_unsupervised_training_logs_routing_and_the_balance_term_separates_reque
     from test_train import options
 
     from csreft.data import pad_batch
-    from csreft.train import build, fit
+    from csreft.training.recipe import build, fit
 
     run = build(options(tmp_path, tiny_model_dir, max_steps=40, lr=2e-2, router_hidden=32, router_input="head",
                         router_head=2, balance_weight=1.0, gating="anneal"))

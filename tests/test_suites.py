@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from csreft.suites import (
+from csreft.evaluation.suites import (
     BUILTIN_SKILLS, CLASSIFICATION_TASKS, COMMONSENSE_TASKS, Suite, SuiteUnavailable, builtin_suite,
     check_answer, classification_suite, commonsense_suite, get_suite,
 )
@@ -177,7 +177,7 @@ def _own_data(tmp_path, choices: bool):
 
 
 def test_files_suite_reads_any_training_format_and_picks_scoring(tmp_path):
-    from csreft.suites import get_suite
+    from csreft.evaluation.suites import get_suite
 
     train, test = _own_data(tmp_path, choices=False)
     suite = get_suite("files", train=train, test=test, train_per_skill=4, test_per_skill=None)
@@ -193,7 +193,8 @@ def test_files_suite_reads_any_training_format_and_picks_scoring(tmp_path):
 
 
 def test_compare_on_own_data(tmp_path, tiny_model_dir):
-    from csreft.compare import CompareOptions, compare
+    from csreft.comparison.options import CompareOptions
+    from csreft.comparison.runner import compare
 
     train, test = _own_data(tmp_path, choices=True)
     report = compare(CompareOptions(train=train, test=test, methods=("base", "csreft"), seeds=1, max_steps=2,

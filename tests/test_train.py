@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 from conftest import tiny_tokenizer
 from csreft.cli import main
 from csreft.data import DataError, SupervisedDataset, load_records
-from csreft.train import NonFiniteLossError, build, fit
+from csreft.training.recipe import build, fit
+from csreft.training.trainer import NonFiniteLossError
 
 SKILLS = {"reverse": lambda w: w[::-1], "double": lambda w: w + w, "first": lambda w: w[0]}
 WORDS = ["abc", "dog", "cat", "sun", "map", "pen", "cup", "hat", "box", "fig", "jam", "kit"]
@@ -219,7 +220,7 @@ def test_cli_eval_nll_per_skill(tmp_path, tiny_model_dir, capsys):
     # the overall figure is the token-weighted NLL over all records at once
     from csreft import load_base
     from csreft.data import load_records
-    from csreft.evaluation import response_nll
+    from csreft.evaluation.scoring import response_nll
 
     model, tok = load_base(str(tiny_model_dir))
     assert result["response_nll"] == pytest.approx(response_nll(model, tok, load_records(str(data)))["nll"], rel=1e-6)

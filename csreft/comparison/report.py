@@ -10,7 +10,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from .evaluation import mcnemar, paired_bootstrap
+from ..evaluation.stats import mcnemar, paired_bootstrap
 
 JOINT_KINDS = ("loreft", "csreft", "csreft_supervised", "lora", "lora_edits")
 REFERENCES = ("loreft", "lora", "lora_edits", "specialists", "base")

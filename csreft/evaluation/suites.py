@@ -312,7 +312,7 @@ def data_dir_candidates(data_dir=None) -> list[Path]:
         return [Path(data_dir)]
     if os.environ.get("CSREFT_DATA"):
         return [Path(os.environ["CSREFT_DATA"])]
-    project_root = Path(__file__).resolve().parents[1]
+    project_root = Path(__file__).resolve().parents[2]  # csreft/evaluation/suites.py
     return [project_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
 
 
@@ -440,7 +440,7 @@ def files_suite(train: str, test: str, train_per_skill: int | None = None, test_
     suite's name carries a digest of the records, so runs on other data are never reused."""
     import hashlib
 
-    from .data import load_records
+    from ..data import load_records
 
     if not train or not test:
         raise ValueError("your own data needs both --train FILE and --test FILE")

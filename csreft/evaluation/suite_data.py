@@ -1,6 +1,6 @@
 """`csreft data`: build the classification and commonsense data folders from public Hub datasets.
 
-The real-data suites (csreft.suites) read `<DIR>/classification/<task>/{train,test}.json` and
+The real-data suites (csreft.evaluation.suites) read `<DIR>/classification/<task>/{train,test}.json` and
 `<DIR>/commonsense/<task>/{train,test}.json`. This module writes that layout from the public
 datasets through `datasets.load_dataset`, with the prompts, label words and record fields of
 the shared data folder the project's numbers were measured on:
@@ -313,27 +313,3 @@ def build_data(output, suite: str = "all", revisions: dict | None = None, overwr
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return infos
-
-
-def cmd_data(args) -> None:
-    """`csreft data`: build the data folders the real-data suites read."""
-    try:
-        build_data(args.output, args.suite, parse_revisions(args.revision), args.overwrite)
-    except DataBuildError as err:
-        raise SystemExit(f"csreft data: {err}")
-    print(f"\ndone: use it with CSREFT_DATA={Path(args.output).resolve()} "
-          "(or data_dir= in csreft.suites)")
-
-
-def add_data_parser(sub) -> None:
-    """The `data` subcommand."""
-    p = sub.add_parser("data", help="build the classification / commonsense suite data from the Hub "
-                       f"(needs {EXTRA_HINT})")
-    p.add_argument("--output", required=True, metavar="DIR", help="where <suite>/<task>/{train,test}.json go; "
-                   "point CSREFT_DATA at it")
-    p.add_argument("--suite", choices=("classification", "commonsense", "all"), default="all")
-    p.add_argument("--revision", action="append", metavar="REV|DATASET=REV",
-                   help="Hub revision (branch, tag or commit) of every dataset, or DATASET=REV for one "
-                   "(repeatable; default: main, the Parquet export for CogComp/trec and ybisk/piqa)")
-    p.add_argument("--overwrite", action="store_true", help="replace suite folders already in DIR")
-    p.set_defaults(func=cmd_data)

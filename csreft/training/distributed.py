@@ -19,12 +19,6 @@ import torch
 from torch import nn
 
 
-def numel(p: torch.Tensor) -> int:
-    """Number of values of a parameter, whole even where ZeRO-3 has partitioned it (a DTensor's
-    numel() is already the global one)."""
-    return int(getattr(p, "ds_numel", p.numel()))
-
-
 def is_partitioned(p: torch.Tensor) -> bool:
     """Whether ZeRO-3 manages (partitions) this parameter."""
     return hasattr(p, "ds_id")
@@ -34,7 +28,7 @@ def mark_zero3_leaves(model: nn.Module) -> None:
     """Gather each edit's parameters as one when the edit runs under ZeRO-3 (see above)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    from .edits import SubspaceEdits
+    from ..edits import SubspaceEdits
 
     if any(isinstance(m, SubspaceEdits) for m in model.modules()):
         set_z3_leaf_modules(model, [SubspaceEdits])

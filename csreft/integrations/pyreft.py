@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .base_models import model_identity
-from .config import CSReftConfig
-from .model import CSReftModel, atomic_directory
+from ..base_models import model_identity
+from ..config import CSReftConfig
+from ..compose import fill_subspaces
+from ..model import CSReftModel
 
 FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
 TYPES = {"LoreftIntervention": "loreft", "DireftIntervention": "direft"}
@@ -126,9 +127,8 @@ def read_pyreft(src) -> dict:
 
 
 def convert_pyreft(src, base, positions: str = "f7+l7", skill: str | None = None) -> CSReftModel:
-    """A csreft model (k = 1, no router: LoReFT) on `base` with the pyreft checkpoint's edits."""
-    from .compose import fill_subspaces
-
+    """A csreft model (k = 1, no router: LoReFT) on `base` with the pyreft checkpoint's edits;
+    save it with save_pretrained(dir, metadata=model.conversion)."""
     src = Path(src)
     found = read_pyreft(src)
     separate = found["per_layer"] == 2
@@ -149,10 +149,3 @@ def convert_pyreft(src, base, positions: str = "f7+l7", skill: str | None = None
     model.skill_names = [skill or src.name]
     model.conversion = {"skills": model.skill_names, "converted_from": {"pyreft": str(src), "positions": positions}}
     return model.eval()
-
-
-def convert_to_directory(src, base, output_dir, **options) -> CSReftModel:
-    """convert_pyreft, then write the adapter to output_dir atomically."""
-    model = convert_pyreft(src, base, **options)
-    atomic_directory(output_dir, lambda tmp: model.write_adapter(tmp, model.conversion))
-    return model

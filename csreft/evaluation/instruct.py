@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, _read_json_records, encode_prompt, pad_batch, template_parts
+from ..data import DataError, _read_json_records, encode_prompt, pad_batch, template_parts
+from .suites import data_dir_candidates
 
 ALPACA_EVAL_FILE = "alpaca_eval/alpaca_eval_v1_text_davinci_003.json"
 ALPACA_EVAL_HUB = "tatsu-lab/alpaca_eval"  # its alpaca_eval.json holds the same 805 records
@@ -29,10 +30,10 @@ ALPACA_EVAL_HUB = "tatsu-lab/alpaca_eval"  # its alpaca_eval.json holds the same
 
 # -- instruction files ---------------------------------------------------------------------------
 def data_root() -> Path:
-    """$CSREFT_DATA, else <project root>/../shared/data."""
-    if os.environ.get("CSREFT_DATA"):
-        return Path(os.environ["CSREFT_DATA"])
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    """The data folder that holds the AlpacaEval file (looked for as the suites look for theirs:
+    $CSREFT_DATA, else ../shared/data), else the first place looked."""
+    looked = data_dir_candidates()
+    return next((root for root in looked if (root / ALPACA_EVAL_FILE).is_file()), looked[0])
 
 
 def default_instructions() -> str:
@@ -118,7 +119,7 @@ def generate_outputs(model, tokenizer, records: list[dict], output: str | os.Pat
     decoding) skips what is done, also when it selects a wider slice; other settings raise
     ValueError unless `overwrite`. Settings, progress and wall time go to .meta.json.
     """
-    from .generation import generate_texts
+    from ..generation import generate_texts
 
     output = Path(output)
     progress, meta_path = sidecar_paths(output)

@@ -1,4 +1,4 @@
-"""--config FILE (YAML or JSON) for `csreft train` / `csreft info`, checked like the flags.
+"""--config FILE (YAML or JSON) for `csreft train`, `info`, `compare` and `demo`, checked like the flags.
 
 Each key must be one of the command's options ('-' or '_'; an unknown key is an error with a
 "did you mean"); each value goes through the flag's own argparse type, so `lr: 2e-3` (a string
@@ -13,7 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from .data import read_text
+from ..data import read_text
+from .options import is_boolean
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 FILE_ONLY = {"base_shape": dict}  # options a file can give that have no flag
@@ -33,7 +34,8 @@ def read_options_file(path: str | None, parser: argparse.ArgumentParser) -> dict
     text = read_text(p)
     data = _parse(p, text)
     lines = _key_lines(p, text)
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config", "debug")}
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config", "debug")
+               and not isinstance(a, argparse._StoreFalseAction)}  # not --no-NAME
     known = sorted(set(actions) | set(FILE_ONLY))
     out = {}
     for key, value in data.items():
@@ -97,13 +99,13 @@ def _coerce(action, name: str, value, where: str):
         if not isinstance(value, FILE_ONLY[name]):
             raise bad(f"a {FILE_ONLY[name].__name__}")
         return value
-    if isinstance(action, argparse.BooleanOptionalAction):
+    if is_boolean(action) or isinstance(action, argparse.BooleanOptionalAction):
         text = str(value).strip().lower() if isinstance(value, (str, bool, int)) else None
         if text in _TRUE or text in _FALSE:
             return text in _TRUE
         raise bad("true or false")
-    if name == "layers" and isinstance(value, list):
-        return value  # CSReftConfig checks the entries
+    if isinstance(value, list) and getattr(action.type, "__name__", "").startswith("list of"):
+        return value  # the options' own checks see the entries
     if name == "resume" and isinstance(value, bool):
         return action.const if value else None
     if isinstance(value, (dict, list, bool)):

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .integrity import checkpoint_problems, read_adapter_config
+from ..integrity import checkpoint_problems, read_adapter_config
 
 LOCK_NAME = ".csreft.lock"
 # options that change what a run computes (max_steps / epochs may change on resume: a longer run)

@@ -32,141 +32,27 @@ import dataclasses
 import json
 import math
 import random
-import re
+
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+
 from pathlib import Path
 
 import torch
 from transformers import set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .config import CSReftConfig
-from .data import Collator, SupervisedDataset, encode_example, pad_batch, template_parts
-from .evaluation import evaluate_suite
-from .model import get_csreft_model
+from ..config import CSReftConfig
+from ..data import Collator, SupervisedDataset, encode_example, pad_batch, template_parts
+from ..evaluation.scoring import evaluate_suite
+from ..model import get_csreft_model
 from .report import _slug, plot_gates, write_report
-from .routing import routing_nmi
-from .train import DEFAULTS, CSReftTrainer, JsonlLogger, OrderedTrainer, answer_loss, training_arguments
-
-KINDS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora", "lora_edits")
-METHODS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora", "lora_edits")
-ROUTED = ("csreft", "csreft_supervised")
-# learning-rate grids, by family: ReFT edits take larger steps than LoRA's weight deltas
-LR_GRID_REFT = (1e-3, 3e-3, 9e-3)
-LR_GRID_LORA = (3e-4, 1e-3, 3e-3, 9e-3)
-
-
-@dataclass
-class CompareOptions:
-    suite: str = "builtin"
-    train: str | None = None  # your own data (with test): replaces the suite
-    test: str | None = None
-    methods: tuple = METHODS
-    seeds: int = 3
-    max_steps: int | None = 100  # None with max_minutes: sized to fit the time
-    max_minutes: float | None = None
-    batch_size: int = 8
-    specialist_batch_size: int | None = None  # None: batch_size (same examples, 1/k of the steps)
-    lr: float | None = None  # None: chosen per method on the validation split
-    lr_grid_reft: tuple = LR_GRID_REFT
-    lr_grid_lora: tuple = LR_GRID_LORA
-    select_steps: int | None = None  # steps of each selection run; None: max_steps // 2
-    val_per_skill: int = 20  # validation records per skill, carved from the training pool
-    eval_split: str = "test"  # "validation": score the final runs on validation (model selection)
-    rank: int = 4
-    num_subspaces: int | None = None  # None: one per skill
-    layers: list = field(default_factory=lambda: [3, 9, 18, 24])
-    positions: str = "f7+l7"
-    router_hidden: int | None = None  # None: CSReftConfig's default
-    sparsity_weight: float | None = None  # None: CSReftConfig's default
-    max_length: int = 256
-    train_per_skill: int | None = 100
-    test_per_skill: int | None = 50
-    composed: int = 60
-    eval_batch_size: int = 16
-    model: str | None = None
-    output_dir: str = "runs/compare"
-    quiet: bool = False  # no stage lines
-    report_only: bool = False  # train nothing: the report of the runs already in output_dir
-
-
-@dataclass
-class Method:
-    """One row of the comparison: a kind of method and its option overrides."""
-
-    label: str
-    kind: str
-    overrides: dict = field(default_factory=dict)  # CSReftConfig fields, and lr
-
-    @property
-    def lr(self):
-        return self.overrides.get("lr")
-
-    @property
-    def config_overrides(self) -> dict:
-        return {k: v for k, v in self.overrides.items() if k != "lr"}
-
-
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(CSReftConfig)} - {"format_version", "layers", "positions"}
-
-
-def parse_methods(spec) -> list[Method]:
-    """"base,loreft,csreft[gating=hard,sparsity_weight=0.01]" or "all" -> Methods (in order).
-
-    Raises ValueError naming the method, the key or the value that is not allowed."""
-    if isinstance(spec, (list, tuple)):
-        spec = ",".join(spec)
-    spec = spec.replace(" ", "")
-    items = re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", spec)
-    if ",".join(items) != spec or not items:
-        raise ValueError(f"--methods {spec!r}: expected names such as csreft or csreft[key=value,...], "
-                         "separated by commas")
-    methods = []
-    for item in items:
-        if item == "all":
-            methods += [Method(m, m) for m in METHODS]
-            continue
-        kind, _, body = item.partition("[")
-        if kind not in KINDS:
-            raise ValueError(f"--methods: unknown method {kind!r}; allowed: {', '.join(KINDS)} or all")
-        overrides = {}
-        for pair in filter(None, body.rstrip("]").split(",")):
-            key, eq, value = pair.partition("=")
-            if not eq:
-                raise ValueError(f"--methods {item}: {pair!r} is not key=value")
-            allowed = {"lr"} | (_CONFIG_FIELDS if kind in ROUTED else set())
-            if key not in allowed:
-                raise ValueError(f"--methods {item}: {key!r} cannot be set for {kind}; allowed: "
-                                 f"{', '.join(sorted(allowed))}")
-            overrides[key] = scalar(value)
-        if "lr" in overrides and not (isinstance(overrides["lr"], (int, float)) and overrides["lr"] > 0):
-            raise ValueError(f"--methods {item}: lr={overrides['lr']!r} must be a number > 0")
-        if kind in ROUTED:
-            try:
-                CSReftConfig(**{k: v for k, v in overrides.items() if k != "lr"})
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"--methods {item}: {err}") from None
-        label = kind + (f"[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else "")
-        methods.append(Method(label, kind, overrides))
-    labels = [m.label for m in methods]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"--methods: {sorted({x for x in labels if labels.count(x) > 1})} given twice")
-    return methods
-
-
-def scalar(text: str):
-    """A flag-style value: int, float (1e-3 too), true/false, none/null, else the string."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    low = text.lower()
-    return {"true": True, "false": False, "none": None, "null": None}.get(low, text)
-
+from ..router import routing_nmi
+from ..training.options import DEFAULTS
+from ..training.trainer import CSReftTrainer, JsonlLogger, OrderedTrainer, answer_loss, training_arguments
+from .methods import ROUTED, Method, parse_methods
+from .options import CompareOptions
 
 def training_stream(records: list[dict], n: int, seed: int) -> list[dict]:
     """The first n records of seeded shuffled passes over `records`: what a joint run sees."""
@@ -176,7 +62,6 @@ def training_stream(records: list[dict], n: int, seed: int) -> list[dict]:
         rng.shuffle(epoch)
         out += epoch
     return out[:n]
-
 
 def split_validation(suite, per_skill: int) -> tuple[list[dict], list[dict]]:
     """(pool, validation): `per_skill` records of each skill, by a seeded shuffle, go to
@@ -191,7 +76,6 @@ def split_validation(suite, per_skill: int) -> tuple[list[dict], list[dict]]:
         val += [recs[i] for i in sorted(chosen)]
         pool += [r for i, r in enumerate(recs) if i not in chosen]
     return pool, val
-
 
 class Stages:
     """One line per stage (what runs, how long, ETA), from the measured seconds per step."""
@@ -214,7 +98,6 @@ class Stages:
             per = seconds / steps
             self.step_s = per if self.step_s is None else 0.5 * (self.step_s + per)
 
-
 def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: Path, lr: float,
            skills=None, supervised=False, lora=False, batch_size: int | None = None) -> float:
     """Train on `records` in their order, one pass; returns wall seconds."""
@@ -236,12 +119,10 @@ def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: 
     model.eval()
     return time.time() - started
 
-
 class _LoraCollator(Collator):
     def __call__(self, examples):
         batch = super().__call__(examples)
         return {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "answer_mask") if k in batch}
-
 
 class _LoraTrainer(OrderedTrainer):
     """A PEFT model's own loss, with the answer-token loss logged as for the other methods."""
@@ -257,13 +138,11 @@ class _LoraTrainer(OrderedTrainer):
             self.add_stats({"task_loss": tokens.mean(), "answer_loss": answer_loss(tokens, labels, answer_mask)})
         return (loss, out) if return_outputs else loss
 
-
 def lora_rank_for(base, target_parameters: int, modules=("q_proj", "v_proj")) -> int:
     """LoRA rank whose trainable-parameter count is closest to `target_parameters`."""
     per_rank = sum(m.in_features + m.out_features for name, m in base.named_modules()
                    if name.split(".")[-1] in modules and isinstance(m, torch.nn.Linear))
     return max(1, round(target_parameters / per_rank))
-
 
 def route_records(model, tokenizer, records, batch_size: int) -> torch.Tensor:
     """Gates (N, k) of `records` (their prompts), in record order."""
@@ -276,11 +155,9 @@ def route_records(model, tokenizer, records, batch_size: int) -> torch.Tensor:
         gates.append(model.route(b["input_ids"].to(device), b["attention_mask"].to(device), b["prompt_starts"]).float().cpu())
     return torch.cat(gates)
 
-
 def mean_gates(model, tokenizer, suite, records, batch_size: int) -> list[list[float]]:
     """Mean gate per (skill x subspace) over `records` (rows in suite.skills order)."""
     return gate_table(route_records(model, tokenizer, records, batch_size), records, suite.skills)
-
 
 def gate_table(gates: torch.Tensor, records, skills) -> list[list[float]]:
     rows = []
@@ -289,10 +166,8 @@ def gate_table(gates: torch.Tensor, records, skills) -> list[list[float]]:
         rows.append(gates[idx].mean(0).tolist() if idx else [float("nan")] * gates.shape[1])
     return rows
 
-
 _ROUTER_FIELDS = ("router_input", "router_head", "router_layer", "router_hidden", "gating", "threshold", "top_k",
                   "sparsity_weight", "balance_weight", "routing_loss_weight")
-
 
 def _canonical(key: dict | None) -> dict | None:
     """A run's key without the router settings of a model that has no router (LoReFT, the
@@ -302,7 +177,6 @@ def _canonical(key: dict | None) -> dict | None:
         return key
     return {**key, "config": {k: v for k, v in config.items() if k not in _ROUTER_FIELDS}}
 
-
 def _evaluate(model, tokenizer, suite, opts, records) -> dict:
     res = evaluate_suite(model, tokenizer, suite, "test", records=records, batch_size=opts.eval_batch_size)
     if suite.composed and opts.eval_split == "test":
@@ -310,7 +184,6 @@ def _evaluate(model, tokenizer, suite, opts, records) -> dict:
         res["composed_accuracy"], res["composed_correct"] = comp["micro_accuracy"], comp["correct"]
         res["seconds"] += comp["seconds"]
     return res
-
 
 def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_train_runs: int) -> int:
     """Steps per run that fit `budget_s` seconds of training, from two timed steps."""
@@ -330,7 +203,6 @@ def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_tr
     model.remove_hooks()
     per_step = min(times)
     return max(5, int(budget_s / max(n_train_runs, 1) / per_step))
-
 
 class _Runner:
     """Trains and scores one method at one learning rate and seed; reuses identical runs."""
@@ -396,11 +268,10 @@ class _Runner:
         model.remove_hooks()
         return counts["total"] if kind == "lora" else counts["edits"]
 
-
 def compare(opts: CompareOptions) -> dict:
     """Run the comparison; returns the report (also written to opts.output_dir)."""
-    from .base_models import DEFAULT_MODEL, load_base
-    from .suites import get_suite
+    from ..base_models import DEFAULT_MODEL, load_base
+    from ..evaluation.suites import get_suite
 
     started = time.time()
     if not opts.quiet:  # the stage lines say what runs
@@ -409,8 +280,6 @@ def compare(opts: CompareOptions) -> dict:
         hf_logging.disable_progress_bar()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if opts.eval_split not in ("test", "validation"):
-        raise ValueError(f"eval_split={opts.eval_split!r}: expected 'test' or 'validation'")
     methods = parse_methods(opts.methods)
     if opts.train or opts.test:  # your own data: a suite named after a digest of its records
         suite = get_suite("files", train=opts.train, test=opts.test, train_per_skill=opts.train_per_skill,
@@ -533,7 +402,6 @@ def compare(opts: CompareOptions) -> dict:
     if report is None:
         raise ValueError(f"no finished run of these methods in {out}" if opts.report_only else "nothing was run")
     return report
-
 
 def _specialists(base, tokenizer, suite, config, stream, eval_records, opts, seed, run_dir, lr) -> dict:
     """One LoReFT per skill on that skill's share of the joint stream; scored on its own skill."""

@@ -1,4 +1,4 @@
-"""`csreft` subcommands of the instruction-tuning experiment (see csreft.instruct_eval):
+"""`csreft` subcommands of the instruction-tuning experiment (see csreft.evaluation.instruct):
 split-alpaca-eval, prepare-ultrafeedback, generate-eval, judge, response-nll."""
 
 from __future__ import annotations
@@ -8,29 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from .base_models import DEFAULT_MODEL
-
-
-def load_for_eval(model_name: str | None, adapter: str | None, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer, base name): the base (the adapter's own by default) on `device`,
-    with the adapter attached when given."""
-    import torch
-
-    from .base_models import load_base
-
-    if adapter and model_name is None:
-        from .integrity import read_adapter_config
-
-        meta = read_adapter_config(adapter)
-        model_name = meta.get("base_model", {}).get("name_or_path")
-    model_name = model_name or DEFAULT_MODEL
-    base, tokenizer = load_base(model_name, dtype=None if dtype == "auto" else getattr(torch, dtype))
-    base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not adapter:
-        return base, tokenizer, model_name
-    from .model import CSReftModel
-
-    return CSReftModel.from_pretrained(base, adapter), tokenizer, model_name
+from ..base_models import DEFAULT_MODEL
+from .common import add_model_options, load_model, positive_int
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -39,7 +18,7 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def cmd_split_alpaca_eval(args: argparse.Namespace) -> None:
-    from .instruct_eval import split_alpaca_eval
+    from ..evaluation.instruct import split_alpaca_eval
 
     try:
         info = split_alpaca_eval(args.out_dir, args.source, args.train_size, args.seed)
@@ -50,7 +29,7 @@ def cmd_split_alpaca_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare_ultrafeedback(args: argparse.Namespace) -> None:
-    from .instruct_eval import prepare_ultrafeedback
+    from ..evaluation.instruct import prepare_ultrafeedback
 
     info = prepare_ultrafeedback(args.output, args.dataset, args.score, args.limit)
     print(f"{info['records']} prompt/response records written to {info['output']} "
@@ -58,11 +37,11 @@ def cmd_prepare_ultrafeedback(args: argparse.Namespace) -> None:
 
 
 def cmd_generate_eval(args: argparse.Namespace) -> None:
-    from .instruct_eval import default_instructions, generate_outputs, load_instructions
+    from ..evaluation.instruct import default_instructions, generate_outputs, load_instructions
 
     source = args.instructions or default_instructions()
     records = load_instructions(source, args.offset, args.limit)
-    model, tokenizer, base_name = load_for_eval(args.model, args.adapter, args.dtype, args.device)
+    model, tokenizer, base_name = load_model(args.model, args.adapter, args.dtype, args.device)
     if args.generator:
         generator = args.generator
     elif args.adapter:  # runs/NAME/adapter -> NAME
@@ -83,11 +62,11 @@ def cmd_generate_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> None:
-    from .instruct_eval import format_report, judge_pairwise, load_instructions
+    from ..evaluation.instruct import format_report, judge_pairwise, load_instructions
 
     outputs = json.loads(Path(args.outputs).read_text())[: args.limit]
     reference = load_instructions(args.reference)
-    model, tokenizer, judge_name = load_for_eval(args.judge_model, None, args.dtype, args.device)
+    model, tokenizer, judge_name = load_model(args.judge_model, None, args.dtype, args.device)
     started = time.time()
     try:
         report = judge_pairwise(model, tokenizer, outputs, reference, args.margin, args.batch_size,
@@ -107,13 +86,13 @@ def cmd_judge(args: argparse.Namespace) -> None:
 
 
 def cmd_response_nll(args: argparse.Namespace) -> None:
-    from .evaluation import response_nll
-    from .instruct_eval import load_instructions
+    from ..evaluation.scoring import response_nll
+    from ..evaluation.instruct import load_instructions
 
     selected = load_instructions(args.data, args.offset, args.limit)
     records = [{"prompt": r["prompt"], "response": r["output"]} for r in selected
                if isinstance(r["output"], str) and r["output"].strip()]
-    model, tokenizer, base_name = load_for_eval(args.model, args.adapter, args.dtype, args.device)
+    model, tokenizer, base_name = load_model(args.model, args.adapter, args.dtype, args.device)
     started = time.time()
     result = {"model": base_name, "adapter": args.adapter, "data": args.data,
               "without_reference": len(selected) - len(records),
@@ -124,13 +103,7 @@ def cmd_response_nll(args: argparse.Namespace) -> None:
         _write_json(args.report, result)
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: float32 for the embedded model, else the checkpoint's)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-
-
-def add_instruct_parsers(sub) -> None:
+def add_parsers(sub) -> None:
     """Register the subcommands on the `csreft` parser's subparsers."""
     p = sub.add_parser("split-alpaca-eval", help="write the fixed train / held-out split of the AlpacaEval file")
     p.add_argument("--out-dir", required=True)
@@ -151,20 +124,18 @@ def add_instruct_parsers(sub) -> None:
     p.add_argument("--instructions", help="instruction file (default: the AlpacaEval v1 file in $CSREFT_DATA "
                    "or ../shared/data, else tatsu-lab/alpaca_eval from the Hub)")
     p.add_argument("--output", required=True, help="OUTPUT.json; progress and settings are kept next to it")
-    p.add_argument("--adapter", help="adapter directory (default: the base model alone)")
-    p.add_argument("--model", default=None, help=f"base model (default: the adapter's base, else {DEFAULT_MODEL})")
+    add_model_options(p, device=True)
     p.add_argument("--generator", help="the outputs' 'generator' name (default: the run or model name)")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--system", help="system message (default: the chat template's own)")
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy decoding)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="discard earlier progress for OUTPUT")
-    _model_options(p)
     p.set_defaults(func=cmd_generate_eval)
 
     p = sub.add_parser("judge", help="win rate of OUTPUTS against REFERENCE with a local judge model")
@@ -173,22 +144,20 @@ def add_instruct_parsers(sub) -> None:
     p.add_argument("--judge-model", default=DEFAULT_MODEL, help="any local or Hub chat model")
     p.add_argument("--report", help="write the JSON report (with per-instruction preferences) here")
     p.add_argument("--margin", type=float, default=0.05, help="|p - 0.5| below this is a tie")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-response-tokens", type=int, default=512, help="each response is cut to this")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--max-response-tokens", type=positive_int, default=512, help="each response is cut to this")
     p.add_argument("--system", help="system message for the judge (default: the chat template's own)")
     p.add_argument("--limit", type=int, default=None, help="judge only the first N outputs")
-    _model_options(p)
+    add_model_options(p, adapter=False, model=False, device=True)
     p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("response-nll", help="per-token NLL of reference responses (a judge-free proxy)")
     p.add_argument("--data", required=True, help="instruction file with reference outputs (AlpacaEval or "
                    "prompt/response records; records with an empty output are skipped and counted)")
-    p.add_argument("--adapter", help="adapter directory (default: the base model alone)")
-    p.add_argument("--model", default=None, help="base model (default: the adapter's base)")
+    add_model_options(p, device=True)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=512)
     p.add_argument("--report", help="write the JSON result here")
-    _model_options(p)
     p.set_defaults(func=cmd_response_nll)

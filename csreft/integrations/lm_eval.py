@@ -1,17 +1,18 @@
 """The `csreft` model of lm-evaluation-harness: a base model plus a CS-ReFT adapter.
 
-    python -m csreft.lm_eval run --model csreft \\
+    csreft lm-eval run --model csreft \\
         --model_args pretrained=HuggingFaceTB/SmolLM2-135M-Instruct,adapter=runs/x/adapter \\
         --tasks hellaswag [--apply_chat_template] [--batch_size 8]
 
 (lm_eval's command line has no plugin hook for models; this launcher registers `csreft`, then
-runs lm_eval's own CLI with the same arguments. In Python, `import csreft.lm_eval` is enough
+runs lm_eval's own CLI with the same arguments; `python -m csreft.integrations.lm_eval` does the
+same. In Python, `import csreft.integrations.lm_eval` is enough
 for `lm_eval.simple_evaluate(model="csreft", ...)`.)
 
 Why not plain HFLM around the hooked model: HFLM calls the model with the token ids alone, no
 attention mask and no context length, so the edits would not know where the prompt is. Here
 every log-likelihood request edits its context (the prompt: from the start of the user's content
-to the end of the context) and every generation request its prompt, as csreft.evaluation and
+to the end of the context) and every generation request its prompt, as csreft.evaluation.scoring and
 csreft.generation do. With --apply_chat_template the prompt starts after the template's prefix
 (as in training); without, at the first token of the context. `adapter` is a local folder or a
 Hub repo id (`adapter_revision=` for a revision); `pretrained` is anything csreft.load_base takes.
@@ -26,7 +27,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .model import CSReftModel
+from ..model import CSReftModel
 
 
 @register_model("csreft")
@@ -35,7 +36,7 @@ class CSReftLM(HFLM):
                  dtype: str | None = None, **kwargs):
         if not adapter:
             raise ValueError("csreft: give the adapter in model_args, e.g. pretrained=BASE,adapter=DIR")
-        from .base_models import DEFAULT_MODEL, load_base
+        from ..base_models import DEFAULT_MODEL, load_base
 
         if isinstance(pretrained, (str, os.PathLike)) or pretrained is None:
             kind = None if dtype in (None, "auto") else getattr(torch, str(dtype))
@@ -56,7 +57,7 @@ class CSReftLM(HFLM):
         if self._prefix_ids is None:
             self._prefix_ids = []
             if getattr(self.tokenizer, "chat_template", None):
-                from .data import template_parts
+                from ..data import template_parts
 
                 prefix = template_parts(self.tokenizer)[0]
                 self._prefix_ids = self.tok_encode(prefix) if prefix else []

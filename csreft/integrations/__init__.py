@@ -1,0 +1,1 @@
+"""Optional third-party formats and tools: lm-evaluation-harness, pyreft checkpoints."""
