@@ -133,9 +133,19 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
     assert cycles(graph) == [["csreft.compose", "csreft.model"]]
 
 
+def heavy_modules_after(statement: str, heavy: tuple) -> list[str]:
+    code = f"import sys; {statement}; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
 def test_import_csreft_is_light():
     heavy = ("transformers.trainer", "lm_eval", "deepspeed", "peft", "matplotlib", "csreft.training",
              "csreft.cli", "csreft.comparison")
-    code = f"import sys, csreft; print([m for m in {heavy!r} if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_modules_after("import csreft", heavy) == []
+
+
+def test_the_command_line_imports_the_trainer_only_for_a_command_that_trains():
+    heavy = ("transformers.trainer", "lm_eval", "deepspeed", "peft", "matplotlib", "csreft.training.recipe")
+    assert heavy_modules_after("import csreft.cli; csreft.cli.build_parser()", heavy) == []
+    assert "csreft.training.recipe" in heavy_modules_after("import csreft.training; csreft.training.run", heavy)

@@ -100,7 +100,7 @@ class TrainingOptions:
 
 TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingOptions))
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CSReftConfig) if f.name != "format_version")
-DEFAULTS = TrainingOptions().to_dict()  # the recipe's defaults by name (as before, for scripts)
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingOptions)}  # the recipe's defaults by name
 
 
 def split_options(options: dict) -> tuple[TrainingOptions, dict]:
