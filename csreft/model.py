@@ -36,7 +36,7 @@ from .config import CSReftConfig
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
 from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_directory, check_against,
-                        check_orthonormal, read_adapter_config, read_weights, write_weights)
+                        check_orthonormal, check_replaceable, read_adapter_config, read_weights, write_weights)
 from .router import Router, balance_loss, routing_loss, sparsity_loss
 
 
@@ -411,12 +411,16 @@ class CSReftModel(nn.Module):
         """Edits and router only (no base weights)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
 
-    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None, state=None,
+                        overwrite: bool = False) -> None:
         """Write csreft_model.safetensors + csreft_config.json, atomically (temp dir + rename).
 
         `metadata` (JSON-serialisable, e.g. the skill names) is stored in csreft_config.json.
         `state`: the adapter tensors to write (gathered by a sharded engine), else this model's.
+        The directory is replaced as a whole: one that holds anything but an adapter is refused
+        unless `overwrite` (a training run's never); a symbolic link is written through.
         """
+        check_replaceable(directory, overwrite)
         atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata, state))
 
     def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:

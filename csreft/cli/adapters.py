@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..base_models import DEFAULT_MODEL
 from ..config import CSReftConfig
@@ -17,17 +19,22 @@ def _help(name: str) -> str:
 def cmd_compose(args: argparse.Namespace) -> None:
     from ..base_models import load_base
     from ..compose import overlap_lines
-    from ..integrity import ADAPTER_CONFIG, adapter_files
+    from ..integrity import ADAPTER_CONFIG, adapter_files, check_replaceable
     from ..model import CSReftModel
 
     dirs = [d.strip() for d in args.adapters.split(",") if d.strip()]
+    out = Path(os.path.realpath(args.output_dir))
     for d in dirs:
         if not adapter_files(d)[0].is_file():
             raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no {ADAPTER_CONFIG})")
-    base, _ = load_base(args.model or adapter_base(dirs[0] if dirs else None))
+        if out == Path(os.path.realpath(d)) or out in Path(os.path.realpath(d)).parents:
+            raise SystemExit(f"csreft compose: --output-dir {args.output_dir} holds the input adapter {d}: "
+                             "the library would replace it; give another output directory")
+    check_replaceable(args.output_dir, args.overwrite)  # before any work
+    base, _ = load_base(args.model or adapter_base(dirs[0] if dirs else None), tokenizer=False)
     options = {k: getattr(args, k) for k in ("router_input", "gating") if getattr(args, k) is not None}
     model = CSReftModel.from_adapters(base, dirs, router=args.router, seed=args.seed, **options)
-    model.save_pretrained(args.output_dir, metadata=model.composition)  # nothing written unless all succeeded
+    model.save_pretrained(args.output_dir, metadata=model.composition, overwrite=args.overwrite)
     c = model.csreft_config
     print(f"composed {len(dirs)} adapters into {args.output_dir}: {c.num_subspaces} subspaces "
           f"at layers {c.layers}, rank {c.rank}")
@@ -41,11 +48,13 @@ def cmd_compose(args: argparse.Namespace) -> None:
 def cmd_convert_pyreft(args: argparse.Namespace) -> None:
     from ..base_models import load_base
     from ..integrations.pyreft import convert_pyreft, read_pyreft
+    from ..integrity import check_replaceable
 
     read_pyreft(args.src)  # a clear error before the base model loads
-    base, _ = load_base(args.model or DEFAULT_MODEL)
+    check_replaceable(args.output_dir, args.overwrite)
+    base, _ = load_base(args.model or DEFAULT_MODEL, tokenizer=False)  # the weights are all it needs
     model = convert_pyreft(args.src, base, positions=args.positions, skill=args.skill)
-    model.save_pretrained(args.output_dir, metadata=model.conversion)
+    model.save_pretrained(args.output_dir, metadata=model.conversion, overwrite=args.overwrite)
     c = model.csreft_config
     print(f"converted {args.src} into {args.output_dir}: {c.intervention} at layers {c.layers}, rank {c.rank}, "
           f"positions {c.positions} ({'shared' if c.share_positions else 'separate'} first/last weights), "
@@ -83,6 +92,7 @@ def add_parsers(sub) -> None:
     comp.add_argument("--gating", default=None, choices=CSReftConfig.__dataclass_fields__["gating"].metadata["choices"],
                       help="the fresh router's gating: " + _help("gating"))
     comp.add_argument("--seed", type=int, default=0, help="seed of the fresh router")
+    comp.add_argument("--overwrite", action="store_true", help="replace an output directory that holds something other than an adapter (never a training run's)")
     comp.set_defaults(func=cmd_compose)
 
     conv = sub.add_parser("convert-pyreft", help="a LoReFT model saved by pyreft -> a csreft adapter")
@@ -92,6 +102,7 @@ def add_parsers(sub) -> None:
     conv.add_argument("--positions", default="f7+l7", help="the positions pyreft's training used (not saved "
                       "in its checkpoint; default f7+l7, pyreft's LoReFT recipe)")
     conv.add_argument("--skill", default=None, help="skill name of the edit (default: the directory's name)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an output directory that holds something other than an adapter (never a training run's)")
     conv.set_defaults(func=cmd_convert_pyreft)
 
     push = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")

@@ -45,8 +45,9 @@ def cmd_generate_eval(args: argparse.Namespace) -> None:
     if args.generator:
         generator = args.generator
     elif args.adapter:  # runs/NAME/adapter -> NAME
-        adapter = Path(args.adapter).resolve()
-        generator = adapter.parent.name if adapter.name == "adapter" else adapter.name
+        from ..integrity import adapter_name
+
+        generator = adapter_name(args.adapter)
     else:
         generator = base_name
     decoding = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}

@@ -17,7 +17,7 @@ import typing
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-CONTROL = ("func", "command", "debug", "config")  # namespace entries that are not options
+CONTROL = ("func", "command", "debug", "config", "local_rank")  # namespace entries that are not options
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

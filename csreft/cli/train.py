@@ -30,4 +30,6 @@ def add_parsers(sub) -> None:
                        description="Every flag below can also be a key of a --config YAML/JSON file "
                        "(e.g. configs/paper-llama2-7b.yaml); flags given override the file.")
     add_config_file_option(p)
+    # the `deepspeed` launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as torchrun sets it
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)

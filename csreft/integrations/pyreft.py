@@ -41,6 +41,7 @@ from ..model import CSReftModel
 FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
 TYPES = {"LoreftIntervention": "loreft", "DireftIntervention": "direft"}
 _LAYER_COMPONENT = re.compile(r"layers?\[(\d+)\]\.output$")
+ORTHONORMAL_TOLERANCE = 1e-3  # what loading a float32 adapter accepts (csreft.integrity)
 
 
 def _fail(src: Path, why: str) -> ValueError:
@@ -113,6 +114,13 @@ def read_pyreft(src) -> dict:
         if rotate.dim() != 2 or w.shape != rotate.T.shape or b.shape != (rotate.shape[1],):
             raise _fail(src, f"intervention {key!r}: shapes rotate_layer {tuple(rotate.shape)}, weight "
                              f"{tuple(w.shape)}, bias {tuple(b.shape)} do not form a rank-r LoReFT edit")
+        for name, tensor in (("rotate_layer", rotate), ("weight", w), ("bias", b)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise _fail(src, f"intervention {key!r}: {name} holds NaN or infinite values")
+        error = (rotate.double().T @ rotate.double() - torch.eye(rotate.shape[1], dtype=torch.float64)).abs().max()
+        if not error <= ORTHONORMAL_TOLERANCE:  # csreft would refuse to load what it wrote
+            raise _fail(src, f"intervention {key!r}: rotate_layer's columns are not orthonormal "
+                             f"(max |R R^T - I| = {float(error):.3g} > {ORTHONORMAL_TOLERANCE})")
         order = int(key.rsplit("#", 1)[1]) if "#" in key and key.rsplit("#", 1)[1].isdigit() else 0
         layers.setdefault(_layer(src, rep), []).append((order, (rotate, w, b)))
     layers = {layer: [block for _, block in sorted(found, key=lambda f: f[0])] for layer, found in layers.items()}

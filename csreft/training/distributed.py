@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -95,3 +97,32 @@ def zero_stage(trainer) -> int | None:
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     config = plugin.deepspeed_config if plugin is not None else {}
     return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def single_process_launch(parent_cmdline: list[str] | None = None, env=None) -> str | None:
+    """Why a launcher that was asked for several processes started this one alone, or None.
+
+    `accelerate launch --cpu --num_processes N` (N > 1) without an MPI hostfile starts one
+    plain process and says nothing; a training run would then see 1/N of the data it was
+    meant to. Read from the parent process's command line (Linux /proc; elsewhere not known)."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_CPU", "").lower() != "true" or int(env.get("WORLD_SIZE", "1")) > 1:
+        return None
+    if parent_cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return None
+        parent_cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    if "launch" not in parent_cmdline or "--mpirun_hostfile" in " ".join(parent_cmdline):
+        return None
+    for i, part in enumerate(parent_cmdline):
+        key, _, value = part.partition("=")
+        if key in ("--num_processes", "--num-processes") and (value or i + 1 < len(parent_cmdline)):
+            wanted = value or parent_cmdline[i + 1]
+            if wanted.isdigit() and int(wanted) > 1:
+                return (f"`accelerate launch --cpu --num_processes {wanted}` started one process (accelerate "
+                        "runs several CPU processes only through MPI, with --mpirun_hostfile); use "
+                        f"`torchrun --nproc_per_node {wanted} -m csreft.cli train ...` on CPUs "
+                        "(docs/integrations.md)")
+    return None

@@ -18,6 +18,7 @@ from ..config import CSReftConfig
 from ..data import Collator, SupervisedDataset, load_records, skill_names
 from ..integrity import read_adapter_config
 from ..model import CSReftModel, get_csreft_model
+from .distributed import single_process_launch
 from .options import split_options
 from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, claim, fingerprint,
                      is_main_process, resolve_resume, trim_log, verify_checkpoint)
@@ -55,6 +56,9 @@ def build(options: dict, callbacks: list | None = None) -> TrainingRun:
     """
     training, config_fields = split_options(options)
     opts = training.to_dict()
+    lone = single_process_launch()
+    if lone:  # never a silent single process
+        raise ValueError(lone)
     if not opts["data"]:
         raise ValueError("no training data: give --data FILE (JSON or JSONL) or a dataset name")
     # with --init-adapter, the adapter's own config (see _init_model)
@@ -76,6 +80,10 @@ def _build(opts: dict, options: dict, config_fields: dict, config: CSReftConfig 
     from ..base_models import DEFAULT_MODEL, load_base
 
     started_from = {"init_adapter": str(opts["init_adapter"]), "train": opts["train"]}
+    if opts["init_adapter"]:  # its contents, not only its path: a library replaced there is another run
+        init = read_adapter_config(opts["init_adapter"])
+        started_from["init_weights"] = init.get("weights_sha256")
+        started_from["init_config"] = init["csreft_config"]
     run_id = fingerprint(config.to_dict() if config is not None else started_from, records, opts)
     if is_main_process():
         claim(opts["output_dir"], opts["resume"], opts["overwrite"])
@@ -249,7 +257,7 @@ def _fit(run: TrainingRun) -> dict:
             summary["adapter_kept"] = True  # already saved by the run that reached this step
         else:
             model.save_pretrained(adapter_dir, metadata={**trainer.adapter_metadata, "step": result.global_step},
-                                  state=state)
+                                  state=state, overwrite=True)  # the run's own folder (claimed in build)
         (Path(opts["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
