@@ -50,11 +50,23 @@ def check_forward_inputs(base_model, input_ids, attention_mask, labels, kwargs: 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, length) tensor, got {_shape(input_ids)}")
     batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"input_ids has shape {(batch, length)}: an empty batch; give at least one token of one row")
+    if input_ids.is_floating_point():
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    embeddings = base_model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the base model's "
+                         f"vocabulary 0..{vocab - 1 if vocab else '?'}: a tokenizer of another model?")
     if attention_mask is not None:
         shape = tuple(attention_mask.shape)
         if not (shape == (batch, length) or (len(shape) == 4 and shape[0] == batch and shape[-2:] == (length, length))):
             raise ValueError(f"attention_mask has shape {shape}, input_ids {(batch, length)}: expected "
                              f"{(batch, length)} (or a 4D mask ({batch}, 1, {length}, {length}))")
+        if len(shape) == 2:
+            check_padding(attention_mask)
     if labels is not None:
         if tuple(labels.shape) != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, length)} like input_ids")
@@ -68,6 +80,38 @@ def check_forward_inputs(base_model, input_ids, attention_mask, labels, kwargs: 
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown keyword argument(s) {unknown} for forward (neither CSReftModel's nor "
                          f"{type(base_model).__name__}'s){hint}")
+
+
+def check_padding(attention_mask: torch.Tensor) -> None:
+    """Each row is padding, then its tokens, then padding (left or right padding): prompt
+    positions are counted from the first real token, so a gap inside a row would shift them."""
+    real = attention_mask.bool()
+    n_real = real.sum(1)
+    first = real.long().argmax(1)
+    last = real.shape[1] - 1 - real.flip(1).long().argmax(1)
+    bad = (n_real > 0) & (last - first + 1 != n_real)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"attention_mask row {b} has padding between its tokens ({attention_mask[b].tolist()}); "
+                         "pad on the left or on the right only")
+
+
+def check_skill_labels(skill_labels, batch: int, k: int) -> torch.Tensor:
+    """Skill labels: one integer per row in [-1, k) (-1: unlabelled)."""
+    t = torch.as_tensor(skill_labels)
+    if t.is_floating_point() or t.dtype == torch.bool or t.reshape(-1).shape != (batch,):
+        raise ValueError(f"skill_labels must be {batch} integers (one per row), got {_shape(t)} {t.dtype}")
+    t = t.reshape(-1)
+    if bool(((t < -1) | (t >= k)).any()):
+        raise ValueError(f"skill_labels holds {t.tolist()}: each must be a subspace index 0..{k - 1}, or -1 "
+                         "for an unlabelled row")
+    return t
+
+
+def check_logits_at(logits_at, shape) -> None:
+    if not isinstance(logits_at, torch.Tensor) or tuple(logits_at.shape) != tuple(shape) or logits_at.dtype != torch.bool:
+        raise ValueError(f"logits_at must be a bool tensor of shape {tuple(shape)} like input_ids, got "
+                         f"{_shape(logits_at)}{'' if not isinstance(logits_at, torch.Tensor) else ' ' + str(logits_at.dtype)}")
 
 
 def check_spans(starts, ends, n_real) -> None:
@@ -84,6 +128,11 @@ def check_spans(starts, ends, n_real) -> None:
                          "check prompt_lengths")
     raise ValueError(f"example {b}: the prompt span is empty (start {start} >= end {end} in the unpadded "
                      "sequence); check prompt_starts and prompt_lengths")
+
+
+def check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not valid: an integer >= 1")
 
 
 def _shape(value) -> str:

@@ -61,6 +61,9 @@ def encode_prompt(tokenizer, text: str, system: str | None = None, parts=None) -
 def encode_example(tokenizer, prompt: str, response: str | None = None, system: str | None = None,
                    parts=None, suffix: str | None = None) -> dict:
     """{"input_ids", "labels" (-100 on the prompt), "prompt_start", "prompt_length"}."""
+    for name, value in (("prompt", prompt), ("response", response), ("system", system)):
+        if not (isinstance(value, str) or (value is None and name != "prompt")):
+            raise ValueError(f"encode_example: {name} must be a string, got {type(value).__name__}")
     ids, start = encode_prompt(tokenizer, prompt, system, parts)
     out = {"input_ids": ids, "prompt_start": start, "prompt_length": len(ids)}
     if response is not None:
@@ -74,6 +77,10 @@ def encode_example(tokenizer, prompt: str, response: str | None = None, system: 
 def pad_batch(examples: list[dict], pad_id: int, side: str = "right") -> dict:
     """Pad encoded examples into tensors: input_ids, attention_mask, [labels], prompt_starts,
     prompt_lengths (both relative to each unpadded row, as CSReftModel expects)."""
+    if not examples:
+        raise ValueError("pad_batch: no examples to pad (an empty list)")
+    if side not in ("left", "right"):
+        raise ValueError(f"pad_batch: side={side!r} is not valid: left or right")
     width = max(len(e["input_ids"]) for e in examples)
 
     def pad(seq, value):
@@ -107,8 +114,11 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     from pathlib import Path
 
     path = Path(source)
+    where = None
     if path.is_file():
-        raw = _read_json_records(path)
+        lines: list[int] = []
+        raw = _read_json_records(path, lines)
+        where = [f"line {n}" for n in lines] or None  # a JSONL file's records are named by line
     elif path.exists() or path.suffix in (".json", ".jsonl"):
         raise DataError(f"{source}: not a readable JSON or JSONL file")
     else:
@@ -120,7 +130,7 @@ def load_records(source: str, split: str = "train") -> list[dict]:
             raise DataError(f"{source}: no such file, and not loadable as a Hugging Face dataset ({err})") from err
     if not raw:
         raise DataError(f"{source}: contains no records")
-    return [normalize_record(r, source, i + 1) for i, r in enumerate(raw)]
+    return [normalize_record(r, source, i + 1, where and where[i]) for i, r in enumerate(raw)]
 
 
 def read_text(path) -> str:
@@ -136,7 +146,8 @@ def read_text(path) -> str:
         ) from None
 
 
-def _read_json_records(path) -> list:
+def _read_json_records(path, lines: list | None = None) -> list:
+    """The records of a JSON or JSONL file; a JSONL file's line numbers are added to `lines`."""
     import json
 
     text = read_text(path)
@@ -146,6 +157,8 @@ def _read_json_records(path) -> list:
             if line.strip():
                 try:
                     records.append(json.loads(line))
+                    if lines is not None:
+                        lines.append(line_no)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from err
                 except RecursionError:
@@ -154,7 +167,10 @@ def _read_json_records(path) -> list:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg})") from err
+        hint = ""
+        if err.msg == "Extra data" and _one_object_per_line(text):
+            hint = "; it looks like JSON Lines (one record per line): name it .jsonl"
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}){hint}") from err
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -164,9 +180,24 @@ def _read_json_records(path) -> list:
     return data
 
 
-def normalize_record(record, source: str, number: int) -> dict:
-    """One raw record -> {"prompt", "response", "skill", "system"}; `number` counts from 1."""
-    where = f"{source}: record {number}"
+def _one_object_per_line(text: str) -> bool:
+    import json
+
+    lines = [line for line in text.splitlines() if line.strip()][:3]
+    try:
+        return len(lines) > 1 and all(isinstance(json.loads(line), dict) for line in lines)
+    except ValueError:
+        return False
+
+
+# fields of one record format that another format would ignore
+_FORMAT_FIELDS = {"chat": ("messages",), "alpaca": ("instruction", "output"), "prompt/response": ("prompt", "response")}
+
+
+def normalize_record(record, source: str, number: int, place: str | None = None) -> dict:
+    """One raw record -> {"prompt", "response", "skill", "system"}; `number` counts from 1,
+    `place` (e.g. "line 4" in a JSONL file) says where it is instead."""
+    where = f"{source}: {place or f'record {number}'}"
 
     def field(name, required=True, allow_empty=False):
         if name not in record:
@@ -183,6 +214,10 @@ def normalize_record(record, source: str, number: int) -> dict:
 
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    formats = [name for name, keys in _FORMAT_FIELDS.items() if any(k in record for k in keys)]
+    if len(formats) > 1:
+        raise DataError(f"{where}: fields of two record formats ({' and '.join(formats)}: {sorted(record)}); "
+                        "give one, so that it is clear which is the prompt")
     system = None
     if "messages" in record:
         prompt, response, system = _chat_turn(record["messages"], where)

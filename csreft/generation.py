@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_batch_size
 from .data import encode_example, pad_batch, template_parts
 from .gates import resolve_gates
 from .model import CSReftModel
@@ -19,6 +20,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
     transformers causal LM. gates / skills (CSReftModel only, see csreft.gates): one per
     prompt, or one for all of them.
     """
+    check_batch_size(batch_size)
     if gates is not None or skills is not None:
         if not isinstance(model, CSReftModel):
             raise ValueError("gates and skills need a CSReftModel (an adapter)")

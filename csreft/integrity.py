@@ -38,11 +38,17 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 # -- writing -------------------------------------------------------------------------------------
 def write_file(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` (permissions from the umask) and flush it to disk."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write `data` to `path` (permissions from the umask) and flush it to disk; an OSError
+    (a full disk, a file-size limit) names the file."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, f"{err.strerror} (writing {len(data):,} bytes)", str(path)) from err
 
 
 def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> str:
@@ -288,6 +294,18 @@ def checkpoint_problems(directory: str | os.PathLike) -> list[str]:
     problems = [f"{name} is missing" for name in CHECKPOINT_FILES if not (directory / name).is_file()]
     if not any(directory.glob("rng_state*.pth")):
         problems.append("rng_state.pth (random number generator state) is missing")
+    state = directory / "trainer_state.json"
+    if state.is_file():
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            problems.append(f"trainer_state.json is not valid JSON ({err})")
+    for name in ("optimizer.pt", "scheduler.pt"):  # tensors and numbers only: nothing is unpickled
+        if (directory / name).is_file():
+            try:
+                torch.load(directory / name, map_location="cpu", weights_only=True)
+            except Exception as err:  # truncated or damaged: Trainer would fail with no file named
+                problems.append(f"{name} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
     try:
         meta = read_adapter_config(directory)
         read_weights(directory, meta.get("weights_sha256"))

@@ -31,12 +31,13 @@ from transformers.utils import ModelOutput
 
 from . import compose
 from .base_models import find_decoder_layers, model_identity
-from .checks import check_forward_inputs, check_spans
+from .checks import check_forward_inputs, check_logits_at, check_skill_labels, check_spans
 from .config import CSReftConfig
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
 from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_directory, check_against,
-                        check_orthonormal, check_replaceable, read_adapter_config, read_weights, write_weights)
+                        check_orthonormal, check_replaceable, read_adapter_config, read_weights, write_file,
+                        write_weights)
 from .router import Router, balance_loss, routing_loss, sparsity_loss
 
 
@@ -105,9 +106,13 @@ def numel(p: torch.Tensor) -> int:
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on, under either transformers name."""
-    name = "is_activation_checkpointing"
-    return bool(getattr(model, name if hasattr(type(model), name) else "is_gradient_checkpointing", False))
+    """Whether activation (gradient) checkpointing is on, under either transformers name (the
+    new one first: through a PEFT model's attribute forwarding the old one warns)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
+    return False
 
 
 class _StopForward(Exception):
@@ -148,10 +153,15 @@ class CSReftModel(nn.Module):
         self.router = None
         router_layer = config.router_reads()
         if config.use_router:
-            self.router = Router(
-                d, config.router_width(d), config.num_subspaces, config.gating,
-                config.threshold, config.top_k, config.router_input, config.router_head,
-            ).to(device_of(layers[router_layer]))
+            try:
+                self.router = Router(
+                    d, config.router_width(d), config.num_subspaces, config.gating,
+                    config.threshold, config.top_k, config.router_input, config.router_head,
+                ).to(device_of(layers[router_layer]))
+            except (RuntimeError, MemoryError) as err:  # e.g. router_hidden=10**12
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ValueError(f"router_hidden={config.router_width(d)}: a router of that width cannot be "
+                                 f"allocated ({first[:160]}); a few hundred is plenty") from None
         # a router above the first edited layer reads it in a first, unedited pass
         self._route_first = config.use_router and router_layer > config.layers[0]
         self._ctx: _Context | None = None
@@ -258,7 +268,10 @@ class CSReftModel(nn.Module):
     def _as_tensor(value, batch, device, name, default):
         if value is None:
             return torch.full((batch,), default, dtype=torch.long, device=device)
-        t = torch.as_tensor(value, dtype=torch.long).to(device).reshape(-1)
+        t = torch.as_tensor(value)
+        if t.is_floating_point() and not bool((t == t.round()).all()):
+            raise ValueError(f"{name} must be whole token counts, got {t.tolist()}")
+        t = t.to(device=device, dtype=torch.long).reshape(-1)
         if t.numel() != batch:
             raise ValueError(f"{name} has {t.numel()} entries for a batch of {batch}")
         return t
@@ -295,6 +308,10 @@ class CSReftModel(nn.Module):
         if logits_at is not None and labels is not None:
             raise ValueError("logits_at and labels cannot be combined: logits_at computes no loss")
         check_forward_inputs(self.base_model, input_ids, attention_mask, labels, kwargs)
+        if logits_at is not None:
+            check_logits_at(logits_at, input_ids.shape)
+        if skill_labels is not None:
+            skill_labels = check_skill_labels(skill_labels, input_ids.shape[0], self.csreft_config.num_subspaces)
         padding = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
         self._ctx = self._context(input_ids, padding, prompt_starts, prompt_lengths, labels)
         self._ctx.gates = self._explicit_gates(gates, skills, input_ids)
@@ -434,7 +451,7 @@ class CSReftModel(nn.Module):
             "metadata": metadata or {},
             "weights_sha256": write_weights(Path(directory) / ADAPTER_WEIGHTS, state),
         }
-        (Path(directory) / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_file(Path(directory) / ADAPTER_CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Load adapter tensors saved by write_adapter into this model, after checking them:
@@ -465,6 +482,10 @@ class CSReftModel(nn.Module):
         config_file, weights = adapter_files(directory)
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: missing; is {directory} a csreft adapter directory?")
+        if config_file.name != ADAPTER_CONFIG:  # PEFT's names: Hugging Face tools take it for a PEFT adapter
+            warnings.warn(f"{directory}: an adapter saved under the earlier file names ({config_file.name}, "
+                          f"{weights.name}), which Hugging Face tools mistake for a PEFT adapter and fail on; "
+                          f"rename them to {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, or save it again")
         try:
             config = CSReftConfig.from_dict(meta["csreft_config"])
         except (TypeError, ValueError) as err:
@@ -518,7 +539,7 @@ class CSReftModel(nn.Module):
         save_pretrained(dir, metadata=model.composition)."""
         directories = [Path(d) for d in directories]
         if not directories:
-            raise ValueError("compose: give at least one adapter directory")
+            raise ValueError("give at least one adapter directory to compose")
         parts = []
         for directory in directories:
             part = cls.from_pretrained(base_model, directory)  # checks files, shapes and the base

@@ -130,7 +130,7 @@ def test_fuzz_data_files(tmp_path):
 def test_lone_surrogates_are_refused(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"prompt": "a\\ud800b", "response": "x"}\n')
-    with pytest.raises(DataError, match="record 1: field 'prompt' is not valid Unicode"):
+    with pytest.raises(DataError, match="s.jsonl: line 1: field 'prompt' is not valid Unicode"):
         load_records(str(path))
 
 

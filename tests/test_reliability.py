@@ -4,6 +4,7 @@ tensors, mistyped adapter configs, launchers that start one process instead of s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -188,9 +189,10 @@ def test_resuming_a_router_run_refuses_a_library_replaced_at_the_same_path(tmp_p
 
 
 # -- launchers ------------------------------------------------------------------------------------
-def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
-    args = build_parser().parse_args(["train", "--data", "x.jsonl", "--local_rank=1"])
-    assert given(args) == {"data": "x.jsonl"}
+@pytest.mark.parametrize("argv", [["--local_rank=1", "train", "--data", "x.jsonl"],  # what `deepspeed` runs
+                                  ["train", "--data", "x.jsonl", "--local_rank=1"]])
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(argv):
+    assert given(build_parser().parse_args(argv)) == {"data": "x.jsonl"}
 
 
 def test_accelerate_launch_on_cpus_asking_for_two_processes_is_refused():
@@ -204,6 +206,37 @@ def test_accelerate_launch_on_cpus_asking_for_two_processes_is_refused():
     assert single_process_launch(asked, {}) is None  # not accelerate
 
 
+def test_accelerate_launch_refusal_end_to_end(tmp_path, tiny_model_dir):
+    pytest.importorskip("accelerate")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "csreft.cli",
+           "train", "--data", str(data), "--model", str(tiny_model_dir), "--layers", "1", "--output-dir",
+           str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "started one process" in proc.stderr and "torchrun --nproc_per_node 2" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_deprecation_warning_from_a_peft_model_and_no_deepspeed_gpu_warning(tmp_path):
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from csreft.model import _checkpointing
+
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _checkpointing(lora) is False
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    code = ("from csreft.training.trainer import training_arguments; from csreft.training.options import "
+            f"TrainingOptions; training_arguments(TrainingOptions(output_dir={str(tmp_path)!r})); import deepspeed")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"})
+    assert proc.returncode == 0 and "WARNING" not in proc.stderr + proc.stdout, proc.stderr
+
+
 def test_the_model_card_names_the_hub_model_and_says_what_unnamed_skills_mean():
     from csreft.hub import model_card
 
@@ -211,3 +244,109 @@ def test_the_model_card_names_the_hub_model_and_says_what_unnamed_skills_mean():
     card = model_card({"base_model": {"name_or_path": "smollm2-135m-instruct"}, "metadata": {}}, counts, "org/x")
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "not named" not in card
     assert "Unsupervised: the subspaces have no skill names" in card
+
+
+def test_an_adapter_under_the_earlier_file_names_loads_and_says_how_to_rename_it(tmp_path):
+    path = saved(tmp_path / "old")
+    os.replace(path / "csreft_config.json", path / "adapter_config.json")
+    os.replace(path / "csreft_model.safetensors", path / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="rename them to csreft_config.json and csreft_model.safetensors"):
+        CSReftModel.from_pretrained(tiny_llama(), path)
+
+
+# -- errors that name the problem ------------------------------------------------------------------
+def _model():
+    return get_csreft_model(tiny_llama(), CSReftConfig(layers=[1], rank=2, num_subspaces=2))
+
+
+IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+API_CASES = {
+    "skill labels out of range": (lambda m: m(IDS, skill_labels=torch.tensor([5, 0])),
+                                  r"skill_labels holds \[5, 0\]: each must be a subspace index 0..1"),
+    "empty batch": (lambda m: m(torch.zeros(0, 10, dtype=torch.long)), r"input_ids has shape \(0, 10\): an empty batch"),
+    "token id outside the vocabulary": (lambda m: m(torch.full((1, 10), 500)), "token id 500, outside the base "
+                                        "model's vocabulary 0..127"),
+    "logits_at of the wrong shape": (lambda m: m(IDS, logits_at=torch.tensor([1, 2, 3])),
+                                     r"logits_at must be a bool tensor of shape \(2, 10\)"),
+    "fractional prompt_starts": (lambda m: m(IDS, prompt_starts=[1.5, 0]), "prompt_starts must be whole token counts"),
+    "padding inside a row": (lambda m: m(IDS, attention_mask=torch.tensor([[1, 1, 0] + [1] * 7, [1] * 10])),
+                             "attention_mask row 0 has padding between its tokens"),
+    "router too wide to allocate": (lambda m: get_csreft_model(tiny_llama(), CSReftConfig(
+        layers=[1], rank=2, num_subspaces=2, router_hidden=10**12)), "router_hidden=1000000000000: a router of "
+        "that width cannot be allocated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_the_python_api_names_the_problem(case):
+    call, message = API_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        call(_model())
+
+
+def test_helpers_name_the_problem():
+    from conftest import CharTokenizer
+    from csreft.data import encode_example, pad_batch
+    from csreft.evaluation.scoring import response_nll
+    from csreft.generation import generate_texts
+
+    tok, model = CharTokenizer(), _model()
+    for call, message in [(lambda: pad_batch([], 0), "pad_batch: no examples"),
+                          (lambda: encode_example(tok, None, "x"), "prompt must be a string, got NoneType"),
+                          (lambda: generate_texts(model, tok, ["a"], batch_size=0), "batch_size=0 is not valid"),
+                          (lambda: response_nll(model, tok, [{"prompt": "a", "response": "b"}], batch_size=0),
+                           "batch_size=0 is not valid")]:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("a.json", '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n',
+     r"a.json: invalid JSON at line 2, column 1 \(Extra data\); it looks like JSON Lines .*name it .jsonl"),
+    ("b.jsonl", '{"prompt": "a", "response": "b"}\n\n\n{"prompt": "c"}\n', r"b.jsonl: line 4: field 'response' is missing"),
+    ("c.jsonl", '{"prompt": "a", "response": "b", "instruction": "x", "output": "y"}\n',
+     r"c.jsonl: line 1: fields of two record formats \(alpaca and prompt/response")])
+def test_data_files_name_the_line_and_the_problem(tmp_path, name, text, message):
+    from csreft.data import DataError, load_records
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_records(str(tmp_path / name))
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_adapter(tmp_path):
+    code = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+from conftest import tiny_llama
+from csreft import CSReftConfig, CSReftModel
+model = CSReftModel.from_pretrained(tiny_llama(), {str(saved(tmp_path / 'adapter'))!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+from csreft.cli import error_line
+try:
+    model.save_pretrained({str(tmp_path / 'adapter')!r})
+except OSError as err:
+    print(error_line(err))
+"""
+    before = (tmp_path / "adapter" / "csreft_model.safetensors").read_bytes()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    assert "csreft_model.safetensors: File too large (writing" in out, out
+    assert (tmp_path / "adapter" / "csreft_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("optimizer.pt", "optimizer.pt cannot be read"), ("trainer_state.json", "trainer_state.json is not valid JSON")])
+def test_a_damaged_checkpoint_file_is_named(tmp_path, damage, message):
+    from csreft.integrity import checkpoint_problems
+
+    ckpt = saved(tmp_path / "checkpoint-2")
+    torch.save({"state": {}, "param_groups": []}, ckpt / "optimizer.pt")
+    torch.save({"last_epoch": 2}, ckpt / "scheduler.pt")
+    (ckpt / "trainer_state.json").write_text("{}")
+    torch.save({"python": 1}, ckpt / "rng_state.pth")
+    assert checkpoint_problems(ckpt) == []
+    data = (ckpt / damage).read_bytes()
+    (ckpt / damage).write_bytes(data[: len(data) // 2])
+    assert any(message in p for p in checkpoint_problems(ckpt))

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csreft", description="Compositional Subspace Representation "
                                      "Fine-tuning (CS-ReFT): routed low-rank edits of a frozen causal LM.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # the `deepspeed` launcher puts --local_rank=N before the command; the rank comes from LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         group.add_parsers(sub)

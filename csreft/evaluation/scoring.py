@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import check_batch_size
 from ..data import SupervisedDataset, encode_example, response_suffix, template_parts
 from ..generation import generate_texts
 from ..model import CSReftModel
@@ -122,6 +123,7 @@ def _packable(model) -> bool:
 @torch.no_grad()
 def _entry_logprobs(model, rows: list[_Row], pad_id: int, batch_size: int) -> list[torch.Tensor]:
     """log p(token) of every entry of every row (rows with .positions use the tree mask)."""
+    check_batch_size(batch_size)
     device = next(model.parameters()).device
     dtype = getattr(model, "dtype", torch.float32)
     out: list[torch.Tensor | None] = [None] * len(rows)

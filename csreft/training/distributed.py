@@ -114,7 +114,8 @@ def single_process_launch(parent_cmdline: list[str] | None = None, env=None) -> 
         except OSError:
             return None
         parent_cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-    if "launch" not in parent_cmdline or "--mpirun_hostfile" in " ".join(parent_cmdline):
+    launched = any(part == "launch" or part.endswith("accelerate.commands.launch") for part in parent_cmdline)
+    if not launched or "--mpirun_hostfile" in " ".join(parent_cmdline):
         return None
     for i, part in enumerate(parent_cmdline):
         key, _, value = part.partition("=")

@@ -236,6 +236,10 @@ def training_arguments(opts: TrainingOptions | dict) -> TrainingArguments:
     """TrainingArguments from recipe options (TrainingOptions, or a dict of its fields)."""
     if isinstance(opts, TrainingOptions):
         opts = opts.to_dict()
+    if not opts["deepspeed"] and not torch.cuda.is_available():
+        # accelerate imports an installed DeepSpeed even when unused, and DeepSpeed then warns
+        # that it found no GPU; its accelerator does not matter to a run without it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     report_to = ["tensorboard"] if _has_tensorboard() else "none"
     return TrainingArguments(
         output_dir=opts["output_dir"],
