@@ -56,26 +56,34 @@ class SubspaceEdits(nn.Module):
         """Q = [R_1^T ... R_k^T], shape (d, k*r). Read the bases through this method: it stays
         orthonormal under weight decay, while torch's own `self.basis` does not (it reads the
         sign diagonal with .int())."""
-        q = _householder_basis(self.parametrizations.basis)
-        q = self.basis if q is None else q
+        with _full_precision(self.parametrizations.basis.original):  # no bf16 triangular solve on CPU
+            q = _householder_basis(self.parametrizations.basis)
+            q = self.basis if q is None else q
         return q if q.dim() == 2 else q.permute(1, 0, 2).reshape(self.hidden_size, -1)
 
     def delta(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """sum_i g_i R_i^T (W_i h + b_i [- R_i h]) for h (..., d), gates (..., k) -> (..., d).
 
-        Computed in the parameters' dtype (float32 by default), returned in h's dtype.
+        Computed in the parameters' dtype (float32 by default; under autocast too, as for a
+        bf16 base with --bf16), returned in h's dtype.
         """
         q = self.stacked_basis()
-        w = self.weight - q.T if self.subtract_projection else self.weight
-        coords = self.dropout(F.linear(h.to(q.dtype), w, self.bias))  # (..., k*r)
-        coords = coords.unflatten(-1, (self.num_subspaces, self.rank)) * gates.to(q.dtype)[..., None]
-        return F.linear(coords.flatten(-2), q).to(h.dtype)
+        with _full_precision(q):
+            w = self.weight - q.T if self.subtract_projection else self.weight
+            coords = self.dropout(F.linear(h.to(q.dtype), w, self.bias))  # (..., k*r)
+            coords = coords.unflatten(-1, (self.num_subspaces, self.rank)) * gates.to(q.dtype)[..., None]
+            return F.linear(coords.flatten(-2), q).to(h.dtype)
 
     def forward(self, h: torch.Tensor, gates: torch.Tensor, delta_only: bool = False) -> torch.Tensor:
         """h + delta(h, gates), or the delta alone. The model's hooks call the module (not
         delta()), so engines that gather parameters around a module call (ZeRO-3) see it run."""
         delta = self.delta(h, gates)
         return delta if delta_only else h + delta
+
+
+def _full_precision(like: torch.Tensor):
+    """Autocast off on `like`'s device: the edits compute in their parameters' dtype."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _householder_basis(parametrization) -> torch.Tensor | None:

@@ -350,3 +350,34 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path, damage, message):
     data = (ckpt / damage).read_bytes()
     (ckpt / damage).write_bytes(data[: len(data) // 2])
     assert any(message in p for p in checkpoint_problems(ckpt))
+
+
+# -- bf16 on the CPU ---------------------------------------------------------------------------------
+def test_train_with_bf16_on_the_cpu_keeps_the_adapter_in_float32(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"word {i}", "response": f"x{i}"}) + "\n" for i in range(8)))
+    with pytest.warns(UserWarning, match="time one step against float32"):
+        main(["train", "--data", str(data), "--model", str(tiny_model_dir), "--layers", "1", "--rank", "2",
+              "--num-subspaces", "2", "--max-steps", "2", "--batch-size", "4", "--output-dir", str(tmp_path / "run"),
+              "--bf16"])
+    state = load_file(tmp_path / "run" / "adapter" / "csreft_model.safetensors")
+    assert state and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["options"]["bf16"] is True
+
+
+def test_edits_compute_in_float32_under_bf16_autocast():
+    model = get_csreft_model(tiny_llama(), CSReftConfig(layers=[1, 2], rank=2, num_subspaces=2))
+    randomize_edits(model, 0.5)
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    labels = ids.masked_fill(torch.arange(10) < 5, -100)
+    reference = model(ids, labels=labels).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=labels)
+        delta = model.edits["1"][0](torch.randn(2, 10, 64), torch.ones(2, 10, 2), delta_only=True)
+    out.loss.backward()
+    assert delta.dtype == torch.float32  # the edit's own math is not autocast
+    assert torch.isfinite(out.logits).all() and (out.logits.float() - reference).abs().max() < 0.1
+    grads = [p.grad for p in model.edits.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -272,15 +273,21 @@ def training_arguments(opts: TrainingOptions | dict) -> TrainingArguments:
         deepspeed=opts["deepspeed"],
         fsdp=opts["fsdp"],
         fsdp_config=opts["fsdp_config"],
-        **_cpu_multiprocess_arguments(),
+        **_cpu_arguments(opts["bf16"]),
     )
 
 
-def _cpu_multiprocess_arguments() -> dict:
-    """Several processes without CUDA (torchrun / accelerate launch on CPUs): DDP over gloo."""
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def _cpu_arguments(bf16: bool = False) -> dict:
+    """Without CUDA: use_cpu for bf16 autocast on the CPU (Trainer refuses bf16 otherwise) and
+    for several processes (torchrun / accelerate launch on CPUs: DDP over gloo)."""
+    if torch.cuda.is_available():
         return {}
-    return {"use_cpu": True, "ddp_backend": "gloo"}
+    if bf16:
+        warnings.warn("--bf16 on the CPU runs the base under bfloat16 autocast (the edits stay float32); on a "
+                      "2-core avx512_bf16 CPU with torch's CPU build a SmolLM2 step took 35x the float32 time "
+                      "(docs/performance.md): time one step against float32 before a long run")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return {**({"use_cpu": True} if bf16 or several else {}), **({"ddp_backend": "gloo"} if several else {})}
 
 
 def _has_tensorboard() -> bool:
