@@ -28,7 +28,7 @@ def main(argv=None):
             out = model(ids, labels=labels)
         out.loss.backward()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - started, float(out.loss)
+        return time.perf_counter() - started, out.loss.detach().item()
 
     seconds = {False: [], True: []}
     for r in range(args.rounds + 1):
@@ -39,6 +39,8 @@ def main(argv=None):
             print(f"round {r}{' (warm-up)' if not r else ''} {'bf16' if bf16 else 'fp32'}: {s:.2f} s, loss {loss:.4f}",
                   flush=True)
     ratios = sorted(b / f for b, f in zip(seconds[True], seconds[False]))
+    if not ratios:
+        return
     print(f"bf16 / fp32 step time: median {ratios[len(ratios) // 2]:.3f} (all {[round(x, 3) for x in ratios]}); "
           f"threads {torch.get_num_threads()}")
 
