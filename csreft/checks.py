@@ -56,7 +56,7 @@ def check_forward_inputs(base_model, input_ids, attention_mask, labels, kwargs: 
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     embeddings = base_model.get_input_embeddings()
     vocab = getattr(embeddings, "num_embeddings", None)
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = (int(x) for x in torch.aminmax(input_ids))
     if low < 0 or (vocab is not None and high >= vocab):
         raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the base model's "
                          f"vocabulary 0..{vocab - 1 if vocab else '?'}: a tokenizer of another model?")
@@ -65,8 +65,6 @@ def check_forward_inputs(base_model, input_ids, attention_mask, labels, kwargs: 
         if not (shape == (batch, length) or (len(shape) == 4 and shape[0] == batch and shape[-2:] == (length, length))):
             raise ValueError(f"attention_mask has shape {shape}, input_ids {(batch, length)}: expected "
                              f"{(batch, length)} (or a 4D mask ({batch}, 1, {length}, {length}))")
-        if len(shape) == 2:
-            check_padding(attention_mask)
     if labels is not None:
         if tuple(labels.shape) != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(batch, length)} like input_ids")
@@ -82,14 +80,13 @@ def check_forward_inputs(base_model, input_ids, attention_mask, labels, kwargs: 
                          f"{type(base_model).__name__}'s){hint}")
 
 
-def check_padding(attention_mask: torch.Tensor) -> None:
-    """Each row is padding, then its tokens, then padding (left or right padding): prompt
-    positions are counted from the first real token, so a gap inside a row would shift them."""
-    real = attention_mask.bool()
-    n_real = real.sum(1)
-    first = real.long().argmax(1)
-    last = real.shape[1] - 1 - real.flip(1).long().argmax(1)
-    bad = (n_real > 0) & (last - first + 1 != n_real)
+def check_padding(attention_mask: torch.Tensor, first: torch.Tensor, n_real: torch.Tensor) -> None:
+    """Each row is padding, then its n_real tokens from `first` on, then padding (left or right
+    padding): prompt positions are counted from the first real token, so a gap inside a row
+    would shift them."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    inside = (positions >= first[:, None]) & (positions < (first + n_real)[:, None])
+    bad = (inside != attention_mask.bool()).any(1)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
         raise ValueError(f"attention_mask row {b} has padding between its tokens ({attention_mask[b].tolist()}); "

@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from . import compose
 from .base_models import find_decoder_layers, model_identity
-from .checks import check_forward_inputs, check_logits_at, check_skill_labels, check_spans
+from .checks import check_forward_inputs, check_logits_at, check_padding, check_skill_labels, check_spans
 from .config import CSReftConfig
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
@@ -252,6 +252,7 @@ class CSReftModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         offset = attention_mask.long().argmax(1)  # first real token (left padding)
         n_real = attention_mask.long().sum(1)
+        check_padding(attention_mask, offset, n_real)  # forward, route and generate alike
         starts = offset + self._as_tensor(prompt_starts, batch, device, "prompt_starts", 0)
         if prompt_lengths is not None:
             ends = offset + self._as_tensor(prompt_lengths, batch, device, "prompt_lengths", 0)

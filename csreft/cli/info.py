@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from ..base_models import DEFAULT_MODEL
 from ..config import CSReftConfig
+from ..training.options import CONFIG_FIELDS
 from .common import add_config_file_option, options_with_file, warn
 from .options import HelpFormatter, option_parser
 
 
 def config_from_options(opts: dict) -> CSReftConfig:
-    names = {f.name for f in dataclasses.fields(CSReftConfig) if f.init}
     try:
-        return CSReftConfig(**{k: v for k, v in opts.items() if k in names})
+        return CSReftConfig(**{k: v for k, v in opts.items() if k in CONFIG_FIELDS})
     except (TypeError, ValueError) as err:
         raise SystemExit(f"csreft: invalid configuration: {err}")
 

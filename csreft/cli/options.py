@@ -60,13 +60,10 @@ def option_parser(*types, defaults: dict | None = None) -> argparse.ArgumentPars
         if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no-NAME for a true default
             action.default, action.help = argparse.SUPPRESS, argparse.SUPPRESS
             continue
-        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING
-                                       else f.default_factory() if f.default_factory is not dataclasses.MISSING
-                                       else None)
+        default = shown_default((defaults or {}).get(f.name, field_default(f)))
         action.default = argparse.SUPPRESS
         if typing.get_origin(hints[kind][f.name]) in (list, tuple):
             action.nargs, action.type = None, comma_list(typing.get_args(hints[kind][f.name])[0])
-            default = ",".join(map(str, default)) if default is not None else None
         if is_boolean(action):
             dash = f.name.replace("_", "-")
             if f"--no-{dash}" not in parser._option_string_actions:
@@ -76,6 +73,18 @@ def option_parser(*types, defaults: dict | None = None) -> argparse.ArgumentPars
         if default is not None and action.help is not argparse.SUPPRESS:
             action.help = f"{action.help} (default: {default})"
     return parser
+
+
+def field_default(f: dataclasses.Field):
+    """A field's default value (made by its factory), None where it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def shown_default(value) -> str | None:
+    """A default as a flag would take it: lists comma-separated; None stays None."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else None if value is None else str(value)
 
 
 def given(args: argparse.Namespace) -> dict:
@@ -89,9 +98,7 @@ def options_table(kind) -> str:
     for f in dataclasses.fields(kind):
         if not f.init:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, (list, tuple)):
-            default = ",".join(map(str, default))
+        default = shown_default(field_default(f))
         shown = "" if default is None else f"`{default}`"
         rows.append(f"| `--{f.name.replace('_', '-')}` | {shown} | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
