@@ -90,11 +90,11 @@ def check_compatible(adapters: list[dict]) -> None:
             seen[name] = a["dir"]
 
 
-def _complete(q: torch.Tensor, seed: int) -> torch.Tensor:
-    """(d, d) orthogonal matrix whose first columns are exactly q (d, r; orthonormal columns)."""
+def _complete(q: torch.Tensor, width: int, seed: int) -> torch.Tensor:
+    """(d, width) orthonormal columns whose first columns are exactly q (d, r; orthonormal)."""
     d, r = q.shape
     g = torch.Generator().manual_seed(seed)
-    filler = torch.randn(d, d - r, generator=g, dtype=torch.float64)
+    filler = torch.randn(d, width - r, generator=g, dtype=torch.float64)
     full, _ = torch.linalg.qr(torch.cat([q.detach().cpu().double(), filler], 1))
     return torch.cat([q.detach().cpu(), full[:, r:].to(q.dtype)], 1)
 
@@ -104,26 +104,21 @@ def fill_subspaces(edit, blocks: list, loreft: bool, seed: int = 0) -> None:
     """Set the independent-basis edit `edit` (k x d x R bases) to the given subspaces.
 
     blocks[j]: (Q (d, r) orthonormal columns, W (r, d), b (r,)) with r <= R, or None. Subspace
-    j then computes exactly that edit: its basis is base_j @ I = Q (torch's trivialised
-    orthogonal map with the identity), completed to R columns by orthonormal directions whose
-    edit is null, like the whole of subspace j where blocks[j] is None: W = R (loreft) or
-    0 (direft), b = 0, so (W - R) h + b is exactly 0."""
-    param = edit.parametrizations.basis
+    j then computes exactly that edit: its basis is exactly Q (set_basis), completed to R columns
+    by orthonormal directions whose edit is null, like the whole of subspace j where blocks[j]
+    is None: W = R (loreft) or 0 (direft), b = 0, so (W - R) h + b is exactly 0."""
     rank = edit.rank
-    bases = param[0].base.clone()  # (k, d, d): subspace j's basis is its first R columns
+    bases = edit.basis().clone()  # (k, d, R)
     weight, bias = edit.weight.clone(), torch.zeros_like(edit.bias)
     null = torch.ones(len(blocks) * rank, dtype=torch.bool, device=weight.device)
     for j, block in enumerate(blocks):
         if block is not None:
             q, w, b = block
             r = q.shape[1]
-            bases[j] = _complete(q, seed + j).to(bases)
+            bases[j] = _complete(q, rank, seed + j).to(bases)
             rows = slice(j * rank, j * rank + r)
             weight[rows], bias[rows], null[rows] = w.to(weight), b.to(bias), False
-    param[0].base.copy_(bases)
-    identity = torch.zeros_like(param.original)
-    identity.diagonal(dim1=-2, dim2=-1).fill_(-1.0)  # torch's trivialised map of -I is the identity
-    param.original.copy_(identity)
+    edit.set_basis(bases)
     weight[null] = edit.stacked_basis().T[null] if loreft else 0.0
     edit.weight.copy_(weight)
     edit.bias.copy_(bias)

@@ -9,7 +9,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+# 2: bases saved as Q (`edits.L.g.basis`); 1: as torch's parametrisation with its d x d base,
+# read by this version too (converted on load)
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
 
 INTERVENTIONS = ("loreft", "direft")
 ROUTER_INPUTS = ("mean", "first", "last", "head", "attention")
@@ -210,8 +213,9 @@ class CSReftConfig:
             raise ValueError(f"unknown CSReftConfig field(s) {unknown}; known: {sorted(names)}")
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"format_version={version!r} is not valid: this csreft reads format {FORMAT_VERSION}")
+        if version not in READ_FORMATS:
+            raise ValueError(f"format_version={version!r} is not valid: this csreft reads formats "
+                             f"{', '.join(map(str, READ_FORMATS))}")
         # a saved config without the routing options was trained without them
         return cls(**{**(_BEFORE_ROUTING_OPTIONS if "balance_weight" not in data else {}), **data})
 

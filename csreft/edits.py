@@ -9,6 +9,13 @@ R_i (r x d) has orthonormal rows. All k edits are computed at once from the stac
 Q = [R_1^T ... R_k^T] (d x k*r): coordinates c = (W - Q^T) h + b (k*r values), scaled block-wise
 by the gates, mapped back with Q. With `orthogonal_subspaces` the whole Q has orthonormal
 columns, so R_j R_i^T = 0 for i != j and edit i never moves subspace j's coordinates.
+
+Q is kept orthonormal by construction, with no d x d tensor anywhere: Q = B P(X), where P(X)
+is the d x n matrix of n Householder reflections stored in the trainable X (d x n), and B a
+d x d orthogonal matrix whose first n columns are the starting basis A (d x n, a buffer), the
+rest the directions orthogonal to it, applied as reflections and never formed. That is torch's
+trivialised orthogonal map (base @ P(X)) without its d x d base: the same training, 2 d n
+numbers instead of d^2 + d n, and Q = A exactly while X is the identity (a loaded adapter).
 """
 
 from __future__ import annotations
@@ -16,15 +23,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
 
 
 class SubspaceEdits(nn.Module):
     """k rank-r edits of d-dimensional hidden states (one layer, one position group).
 
-    Parameters: basis (d x k*r, or k x d x r when subspaces are independent; orthonormal
-    columns by parametrisation), weight W (k*r x d), bias b (k*r). Initialised to the identity
-    map (W = Q^T, b = 0), so a fresh model equals its base model.
+    Parameters: reflectors X (d x k*r, or k x d x r when subspaces are independent), weight W
+    (k*r x d), bias b (k*r); buffer anchor A (X's shape): the basis where X is the identity.
+    Initialised to the identity map (A random orthonormal, X = identity, W = A^T, b = 0), so a
+    fresh model equals its base model. Read the basis through stacked_basis() / basis(); set it
+    with set_basis().
     """
 
     def __init__(
@@ -41,25 +49,40 @@ class SubspaceEdits(nn.Module):
         self.hidden_size, self.rank, self.num_subspaces = d, r, k
         self.subtract_projection = intervention == "loreft"
         shape = (d, k * r) if orthogonal_subspaces else (k, d, r)
-        self.basis = nn.Parameter(torch.empty(shape))
-        nn.init.orthogonal_(self.basis)
-        orthogonal(self, "basis")  # keeps the columns orthonormal under any optimiser step
-        if self.parametrizations.basis.original.is_meta:  # shape-only model (parameter counts)
-            self.weight = nn.Parameter(torch.empty(k * r, d))
-        else:
-            with torch.no_grad():  # contiguous: FSDP and DeepSpeed refuse strided parameters
-                self.weight = nn.Parameter(self.stacked_basis().T.clone(memory_format=torch.contiguous_format))
+        self.reflectors = nn.Parameter(torch.empty(shape))
+        self.register_buffer("anchor", torch.empty(shape))
+        self.weight = nn.Parameter(torch.empty(k * r, d))
         self.bias = nn.Parameter(torch.zeros(k * r))
         self.dropout = nn.Dropout(dropout)
+        if not self.reflectors.is_meta:  # a meta (shape-only) model has no values to set
+            self.set_basis(torch.stack([nn.init.orthogonal_(torch.empty(shape[-2:])) for _ in range(k)])
+                           if len(shape) == 3 else nn.init.orthogonal_(torch.empty(shape)))
+            with torch.no_grad():  # contiguous: FSDP and DeepSpeed refuse strided parameters
+                self.weight.copy_(self.stacked_basis().T)
+
+    def basis(self) -> torch.Tensor:
+        """The orthonormal bases in X's shape: (d, k*r), or (k, d, r) when independent."""
+        return rotate(self.anchor, householder(self.reflectors))
 
     def stacked_basis(self) -> torch.Tensor:
-        """Q = [R_1^T ... R_k^T], shape (d, k*r). Read the bases through this method: it stays
-        orthonormal under weight decay, while torch's own `self.basis` does not (it reads the
-        sign diagonal with .int())."""
-        with _full_precision(self.parametrizations.basis.original):  # no bf16 triangular solve on CPU
-            q = _householder_basis(self.parametrizations.basis)
-            q = self.basis if q is None else q
+        """Q = [R_1^T ... R_k^T], shape (d, k*r)."""
+        with _full_precision(self.reflectors):  # no bf16 triangular solve on the CPU
+            q = self.basis()
         return q if q.dim() == 2 else q.permute(1, 0, 2).reshape(self.hidden_size, -1)
+
+    @torch.no_grad()
+    def set_basis(self, q: torch.Tensor) -> None:
+        """Make `q` (X's shape, orthonormal columns) the basis, exactly: A = q, X = the identity.
+        W and b are left as they are."""
+        self.anchor.copy_(q)
+        self.reflectors.copy_(identity_reflectors(self.reflectors))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also reads the basis as a saved adapter holds it, Q under `basis` (set_basis)."""
+        q = state_dict.pop(prefix + "basis", None)
+        if q is not None:
+            state_dict[prefix + "anchor"], state_dict[prefix + "reflectors"] = q, identity_reflectors(q)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delta(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """sum_i g_i R_i^T (W_i h + b_i [- R_i h]) for h (..., d), gates (..., k) -> (..., d).
@@ -86,27 +109,51 @@ def _full_precision(like: torch.Tensor):
     return torch.autocast(like.device.type, enabled=False)
 
 
-def _householder_basis(parametrization) -> torch.Tensor | None:
-    """The value of torch's orthogonal parametrisation (Householder map, trivialised) of a tall
-    (..., d, n) matrix, by a cheaper route; None where that is not the map in use.
+# -- Householder reflections in compact WY form ----------------------------------------------
+# n reflectors live in a (..., d, n) matrix x, LAPACK-style: reflector i is v_i = e_i + the part
+# of column i below the diagonal (tau_i = 2 / v_i^T v_i); x's diagonal holds a sign per column.
+# H_1 ... H_n = I - V T V^T with T^-1 = striu(V^T V) + diag(V^T V) / 2 (the UT transform): two
+# thin matmuls and one n x n triangular solve, forward and backward, where torch's
+# linalg.householder_product loops over the reflectors with d x d work in its backward.
 
-    torch computes base @ (H_1 ... H_n)[:, :n] * sign with H_i = I - tau_i v_i v_i^T through
-    linalg.householder_product, whose backward loops over the n reflectors with d x d work
-    (19 ms for d = 576, n = 16 on one CPU core; seconds for d = 4096). The same product in
-    compact WY form, I - V T V^T with T^-1 = striu(V^T V) + diag(V^T V) / 2 (the UT
-    transform; tau_i = 2 / v_i^T v_i), needs two small matmuls and one n x n triangular solve,
-    forward and backward. Equal to torch's result up to rounding (~1e-7).
-    """
-    orth = parametrization[0]
-    x, base = parametrization.original, getattr(orth, "base", None)
-    if getattr(orth.orthogonal_map, "name", None) != "householder" or base is None or x.is_complex():
-        return None
+def _unit_reflectors(x: torch.Tensor):
     d, n = x.shape[-2:]
     eye = torch.eye(d, n, dtype=x.dtype, device=x.device)
-    v = x.tril(-1) + eye  # reflectors with their implicit unit diagonal
+    v = x.tril(-1) + eye
     vtv = v.mT @ v
-    t_inv = vtv.triu(1) + torch.diag_embed(vtv.diagonal(dim1=-2, dim2=-1) / 2)
+    return eye, v, vtv.triu(1) + torch.diag_embed(vtv.diagonal(dim1=-2, dim2=-1) / 2)
+
+
+def householder(x: torch.Tensor) -> torch.Tensor:
+    """P(x): the first n columns of H_1 ... H_n, column j times sign(x_jj): (..., d, n),
+    orthonormal columns (torch's orthogonal_map="householder" without trivialisation). The
+    signs are read with sign() and get no gradient, so weight decay never flips or zeroes them."""
+    n = x.shape[-1]
+    eye, v, t_inv = _unit_reflectors(x)
     q = eye - v @ torch.linalg.solve_triangular(t_inv, v[..., :n, :].mT, upper=True)
-    # the diagonal of x holds the column signs (+-1) and gets no gradient. torch reads it with
-    # .int(), so weight decay (-1 -> -0.99 -> 0) would zero the basis; sign() is immune to that.
-    return base @ (q * x.diagonal(dim1=-2, dim2=-1).detach().sign().unsqueeze(-2))
+    return q * x.diagonal(dim1=-2, dim2=-1).detach().sign().unsqueeze(-2)
+
+
+def rotate(anchor: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """B m for m (..., d, n), B = [anchor | C] (d x d orthogonal, never formed): the first n
+    columns exactly `anchor` (orthonormal columns), C the rest of anchor's Householder QR, a
+    basis of the directions orthogonal to it. rotate(anchor, identity) = anchor exactly."""
+    n = anchor.shape[-1]
+    with torch.no_grad():  # the anchor is fixed: its reflections need no gradient
+        a = torch.geqrf(anchor.to(torch.float64))[0].to(anchor.dtype)
+    _, v, t_inv = _unit_reflectors(a)  # H(a)'s columns past n span what anchor leaves out
+    rest = torch.cat([torch.zeros_like(m[..., :n, :]), m[..., n:, :]], -2)
+    return anchor @ m[..., :n, :] + rest - v @ torch.linalg.solve_triangular(t_inv, v.mT @ rest, upper=True)
+
+
+def identity_reflectors(like: torch.Tensor) -> torch.Tensor:
+    """x with householder(x) = the first n axes: -1 on the diagonal, 0 elsewhere."""
+    x = torch.zeros_like(like)
+    x.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
+    return x
+
+
+def legacy_basis(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The basis of an adapter saved in format 1 (torch's trivialised orthogonal
+    parametrisation: tensors parametrizations.basis.original and .0.base): base @ P(original)."""
+    return base.to(torch.float64) @ householder(original.to(torch.float64))

@@ -27,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from .edits import householder, legacy_basis, rotate
+
 ADAPTER_CONFIG = "csreft_config.json"
 ADAPTER_WEIGHTS = "csreft_model.safetensors"
 # the names adapters had before: PEFT's, so Hugging Face tooling took them for PEFT adapters and
@@ -268,24 +270,53 @@ def check_against(state: dict, expected: dict, path) -> None:
             raise ValueError(f"{path}: tensor {name} has dtype {value.dtype}, expected {want.dtype}")
 
 
-def check_orthonormal(edits: dict, path) -> None:
-    """Every edit's basis has orthonormal columns (Q^T Q = I within tolerance): the whole
-    stacked Q for one shared basis, each subspace's block R_i^T for independent bases (a
-    composed skill library), whose subspaces may overlap."""
+# -- the two forms of the edits' bases ------------------------------------------------------------
+# A saved adapter holds each edit's basis Q as `edits.L.g.basis` (d x n, or k x d x r; a model
+# loads it as anchor = Q, see SubspaceEdits). A model, and a checkpoint that must resume bit for
+# bit, hold what training moves instead: `reflectors` (trainable) and `anchor` (fixed),
+# Q = rotate(anchor, householder(reflectors)). Adapters saved in format 1 held torch's
+# parametrisation (`parametrizations.basis.original` and its d x d `parametrizations.basis.0.base`):
+# read as their Q.
+_RAW = (".reflectors", ".anchor")
+_LEGACY = (".parametrizations.basis.original", ".parametrizations.basis.0.base")
+
+
+def basis_form(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every edit's basis as Q under `<edit>.basis` (from either other form)."""
+    out = dict(state)
+    for raw, make in ((_RAW, lambda x, a: rotate(a.float(), householder(x.float()))),
+                      (_LEGACY, lambda x, base: legacy_basis(x, base).float())):
+        for name in [k for k in state if k.endswith(raw[0])]:
+            edit = name[: -len(raw[0])]
+            other = edit + raw[1]
+            if other not in state:
+                continue  # check_against names it as missing
+            with torch.no_grad():
+                q = make(state[name], state[other])
+            out[edit + ".basis"] = q.to(state[name].dtype)
+            del out[name], out[other]
+    return out
+
+
+def is_training_form(state: dict) -> bool:
+    return any(k.endswith(_RAW[0]) for k in state)
+
+
+def check_orthonormal(state: dict[str, torch.Tensor], path) -> None:
+    """Every basis of a basis-form state has orthonormal columns (Q^T Q = I within tolerance):
+    the whole (d, n) Q for one shared basis, each subspace's (d, r) block for independent bases
+    (k, d, r; a composed skill library), whose subspaces may overlap."""
     with torch.no_grad():
-        for layer, group in edits.items():
-            for g, edit in enumerate(group):
-                q = edit.stacked_basis().double()
-                if edit.parametrizations.basis.original.dim() == 3:  # independent: (d, k, r) blocks
-                    q = q.unflatten(1, (edit.num_subspaces, edit.rank)).transpose(0, 1)
-                eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-                error = (q.mT @ q - eye).abs().max().item()
-                tol = 1e-3 if edit.weight.dtype in (torch.float32, torch.float64) else 5e-2
-                if not error <= tol:
-                    raise ValueError(
-                        f"{path}: tensor edits.{layer}.{g}.parametrizations.basis: the basis is not "
-                        f"orthonormal (max |Q^T Q - I| = {error:.3g} > {tol})"
-                    )
+        for name, q in state.items():
+            if not name.endswith(".basis"):
+                continue
+            q64 = q.double()
+            eye = torch.eye(q64.shape[-1], dtype=q64.dtype)
+            error = (q64.mT @ q64 - eye).abs().max().item() if q64.numel() else 0.0
+            tol = 1e-3 if q.dtype in (torch.float32, torch.float64) else 5e-2
+            if not error <= tol:
+                raise ValueError(f"{path}: tensor {name}: the basis is not orthonormal "
+                                 f"(max |Q^T Q - I| = {error:.3g} > {tol})")
 
 
 def checkpoint_problems(directory: str | os.PathLike) -> list[str]:

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from transformers.utils import ModelOutput
 
 from . import compose
@@ -35,9 +34,9 @@ from .checks import check_forward_inputs, check_logits_at, check_padding, check_
 from .config import CSReftConfig
 from .edits import SubspaceEdits
 from .gates import resolve_gates, subspace_names
-from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_directory, check_against,
-                        check_orthonormal, check_replaceable, read_adapter_config, read_weights, write_file,
-                        write_weights)
+from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_directory, basis_form,
+                        check_against, check_orthonormal, check_replaceable, is_training_form, read_adapter_config,
+                        read_weights, write_file, write_weights)
 from .router import Router, balance_loss, routing_loss, sparsity_loss
 
 
@@ -319,8 +318,7 @@ class CSReftModel(nn.Module):
         try:
             if self._route_first and self._ctx.gates is None:
                 self._route_before(self._ctx, input_ids, attention_mask)
-            with parametrize.cached():  # each orthonormal basis is computed once per pass
-                logits, token_losses = self._logits(input_ids, attention_mask, labels, full_logits, logits_at, kwargs)
+            logits, token_losses = self._logits(input_ids, attention_mask, labels, full_logits, logits_at, kwargs)
         finally:
             ctx, self._ctx = self._ctx, None
         # Where a checkpointed layer's recomputation runs its hooks again, it needs this pass's
@@ -389,10 +387,7 @@ class CSReftModel(nn.Module):
         try:
             if self._route_first and self._ctx.gates is None:
                 self._route_before(self._ctx, input_ids, attention_mask)
-            with parametrize.cached():
-                return self.base_model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
-                )
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             self._ctx = None
 
@@ -425,9 +420,12 @@ class CSReftModel(nn.Module):
             f"base: {c['base']:,} | {c['percent']:.4f}%"
         )
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Edits and router only (no base weights)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
+    def adapter_state_dict(self, training: bool = False) -> dict[str, torch.Tensor]:
+        """Edits and router only (no base weights), each edit's basis as Q (`edits.L.g.basis`);
+        training=True: the tensors training moves instead (reflectors and anchor), which a
+        checkpoint needs to resume bit for bit (see csreft.integrity)."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
+        return state if training else basis_form(state)
 
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None, state=None,
                         overwrite: bool = False) -> None:
@@ -441,11 +439,13 @@ class CSReftModel(nn.Module):
         check_replaceable(directory, overwrite)
         atomic_directory(directory, lambda tmp: self.write_adapter(tmp, metadata, state))
 
-    def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None, state=None) -> None:
+    def write_adapter(self, directory: str | os.PathLike, metadata: dict | None = None, state=None,
+                      training: bool = False) -> None:
         """Write the adapter files into an existing directory (not atomic by itself); the
-        config records the sha256 of the weights file."""
-        state = self.adapter_state_dict() if state is None else state
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        config records the sha256 of the weights file. `state` in either form (default: this
+        model's); written in basis form, or as is with training=True (a checkpoint)."""
+        state = self.adapter_state_dict(training=True) if state is None else state
+        state = {k: v.detach().cpu().contiguous() for k, v in (state if training else basis_form(state)).items()}
         meta = {
             "csreft_config": self.csreft_config.to_dict(),
             "base_model": model_identity(self.base_model),
@@ -457,18 +457,18 @@ class CSReftModel(nn.Module):
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Load adapter tensors saved by write_adapter into this model, after checking them:
         the checksum (adapters saved before checksums: none), names, shapes, kinds of dtype,
-        finite values and orthonormal bases. On a failure the model keeps its weights."""
+        finite values and orthonormal bases. Any of the three forms of the bases is read (Q, a
+        checkpoint's reflectors, format 1's parametrisation). On a failure nothing is loaded."""
         checksum = read_adapter_config(directory).get("weights_sha256")
         state = read_weights(directory, checksum)
         weights = adapter_files(directory)[1]
-        check_against(state, self.adapter_state_dict(), weights)
-        before = {k: v.clone() for k, v in self.adapter_state_dict().items()}
-        self.load_state_dict(state, strict=False)
-        try:
-            check_orthonormal(self.edits, weights)
-        except ValueError:
-            self.load_state_dict(before, strict=False)
-            raise
+        if is_training_form(state):  # a checkpoint: loaded as is, so a resume continues exactly
+            check_against(state, self.adapter_state_dict(training=True), weights)
+        else:
+            state = basis_form(state)  # format 1's bases, read as Q
+            check_against(state, self.adapter_state_dict(), weights)
+            check_orthonormal(state, weights)
+        self.load_state_dict(state, strict=False)  # Q becomes the edit's anchor, exactly
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, revision: str | None = None,

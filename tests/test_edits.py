@@ -11,7 +11,7 @@ from csreft import SubspaceEdits
 def ortho_error(edit: SubspaceEdits) -> float:
     """max |R_i R_i^T - I| over subspaces, and over the whole stack when shared."""
     q = edit.stacked_basis()
-    if edit.basis.dim() == 2:
+    if edit.reflectors.dim() == 2:
         return (q.T @ q - torch.eye(q.shape[1])).abs().max().item()
     b = q.unflatten(1, (edit.num_subspaces, edit.rank)).transpose(0, 1)  # (k, d, r): R_i^T blocks
     return (b.transpose(1, 2) @ b - torch.eye(b.shape[-1])).abs().max().item()

@@ -285,7 +285,7 @@ def test_fuzz_adapter_files(tmp_path, saved_adapter):
         if kind in ("nan", "inf"):
             t.view(-1)[index % t.numel()] = math.nan if kind == "nan" else -math.inf
         elif kind == "basis":
-            name = next(n for n in tensor_names if n.endswith(".base"))
+            name = next(n for n in tensor_names if n.endswith(".basis"))
             state[name] = state[name] * factor
         elif kind == "dtype":
             state[name] = t.to(torch.int64)

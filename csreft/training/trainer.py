@@ -78,6 +78,7 @@ class CSReftTrainer(OrderedTrainer):
     def __init__(self, *args, adapter_metadata: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_metadata = adapter_metadata or {}
+        self._in_checkpoint = False  # _save writes a checkpoint's adapter (training form)
         if self.is_deepspeed_enabled:
             mark_zero3_leaves(self.model)
         self.tokens_seen = 0  # becomes a tensor on the training device (no per-step sync)
@@ -166,7 +167,8 @@ class CSReftTrainer(OrderedTrainer):
             state = adapter_part(state_dict, core) if state_dict else None
             os.makedirs(output_dir, exist_ok=True)
             metadata = {**self.adapter_metadata, "step": self.state.global_step}
-            core.write_adapter(output_dir, metadata, state)
+            # a checkpoint keeps the tensors training moves, so a resume continues bit for bit
+            core.write_adapter(output_dir, metadata, state, training=self._in_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if zero_stage(self) is None:
@@ -186,11 +188,11 @@ class CSReftTrainer(OrderedTrainer):
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.args.output_dir = staging
+        self.args.output_dir, self._in_checkpoint = staging, True
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self.args.output_dir = run_dir
+            self.args.output_dir, self._in_checkpoint = run_dir, False
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"checkpoint-{self.state.global_step}"
