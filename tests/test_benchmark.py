@@ -1,10 +1,11 @@
-"""benchmarks/speed.py runs end to end on a tiny random Llama and writes its JSON keys."""
+"""benchmarks/speed.py and benchmarks/scale.py run end to end on tiny random Llamas."""
 
 import contextlib
 import importlib.util
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -67,3 +68,21 @@ def test_memory_probes_start_equal():
     starts = [found[m]["start_mb"] for m in ("reference", "csreft")]
     assert abs(starts[0] - starts[1]) < speed.START_SPREAD_MB / 2, found
     assert found["csreft"]["peak_mb"] / found["reference"]["peak_mb"] < 1.05, found
+
+
+def test_scale_benchmark_reports_size_memory_and_time(tmp_path):
+    """benchmarks/scale.py (the 7B-shape CPU benchmark) end to end at the tiny shape."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(SPEED.parent / "scale.py"), "--shape", "tiny", "--dtype", "float32",
+                           "--router-hidden", "8", "--skip", "generate", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train = json.loads(out.read_text())["train"]
+    assert set(train) == {"reference", "8"}
+    r = train["8"]
+    assert r["router_parameters"] == 64 * 8 + 8 + 8 * 4 + 4  # Linear(d, 8) -> ReLU -> Linear(8, k)
+    # the file holds Q, W, b per edit (4 layers, one group, d 64 x 16) and the router, in float32
+    assert r["edits_bytes"] == 4 * (64 * 16 * 2 + 16) * 4
+    assert r["edits_bytes"] < r["adapter_bytes"] < r["edits_bytes"] + 4 * r["router_parameters"] + 20_000
+    assert r["peak_mb"] > 0 and r["step_cpu_seconds"] > 0
+    assert "x1." in proc.stdout or "x0." in proc.stdout
