@@ -31,6 +31,12 @@ def test_booleans_take_a_flag_a_value_or_no(argv, value):
     assert list(opts.values()) == [value]
 
 
+def test_an_optional_field_takes_none_on_the_command_line():
+    assert given(parse("train", "--router-hidden", "none")) == {"router_hidden": None}
+    assert given(parse("train", "--router-hidden", "64")) == {"router_hidden": 64}
+    assert "router_hidden" not in given(parse("train"))  # not given: the default (128) applies
+
+
 @pytest.mark.parametrize("argv", [["--layers", "3,x"], ["--max-steps", "many"], ["--gating", "sometimes"],
                                   ["--bf16", "maybe"], ["--train", "edits"]])
 def test_a_bad_flag_value_is_one_argparse_error(argv, capsys):

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..data import read_text
-from .options import is_boolean
+from .options import NULL, is_boolean
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 FILE_ONLY = {"base_shape": dict}  # options a file can give that have no flag
@@ -45,8 +45,11 @@ def read_options_file(path: str | None, parser: argparse.ArgumentParser) -> dict
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(known)}"
             raise ConfigFileError(f"{where}: unknown option {key!r}{hint}")
-        if value is not None:  # null: the default
-            out[name] = _coerce(actions.get(name), name, value, where)
+        action = actions.get(name)
+        if value is None and getattr(getattr(action, "type", None), "accepts_none", False):
+            out[name] = None  # null where None is a value other than the default
+        elif value is not None:  # null: the default
+            out[name] = _coerce(action, name, value, where)
     return out
 
 
@@ -117,6 +120,8 @@ def _coerce(action, name: str, value, where: str):
         result = kind(int(value) if kind is int and isinstance(value, float) else value)
     except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as err:
         raise bad(_describe(action)) from err
+    if result is NULL:
+        return None
     if action.choices is not None and result not in action.choices:
         raise bad(f"one of {', '.join(map(str, action.choices))}")
     return result

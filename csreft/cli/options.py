@@ -5,7 +5,8 @@ transformers' HfArgumentParser turns each field into a flag with the field's hel
   - a flag not given is absent from the parsed namespace (not its default), so a --config file
     fills what the command line leaves out, and a run records only what the user chose;
   - list fields are comma-separated (`--layers 3,9,18,24`);
-  - every boolean also has `--no-NAME` (`--bf16`, `--bf16 false` and `--no-bf16` all work).
+  - every boolean also has `--no-NAME` (`--bf16`, `--bf16 false` and `--no-bf16` all work);
+  - an optional field with a default other than None takes `none` (`--router-hidden none`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def comma_list(kind):
     return parse
 
 
+NULL = object()  # an explicit "none" on the command line; given() turns it into None
+
+
+def or_none(kind):
+    """`kind`, or None for "none" / "null" (an Optional field whose default is not None)."""
+    def parse(text: str):
+        return NULL if str(text).strip().lower() in ("none", "null") else kind(text)
+    parse.__name__ = getattr(kind, "__name__", "value")
+    parse.accepts_none = True
+    return parse
+
+
 def is_boolean(action: argparse.Action) -> bool:
     return getattr(action, "type", None) is string_to_bool
 
@@ -64,6 +77,11 @@ def option_parser(*types, defaults: dict | None = None) -> argparse.ArgumentPars
         action.default = argparse.SUPPRESS
         if typing.get_origin(hints[kind][f.name]) in (list, tuple):
             action.nargs, action.type = None, comma_list(typing.get_args(hints[kind][f.name])[0])
+        hint = hints[kind][f.name]
+        if (type(None) in typing.get_args(hint) and field_default(f) is not None and callable(action.type)
+                and not is_boolean(action)):
+            action.type = or_none(action.type)
+            action.help = f"{action.help} (none: None)"
         if is_boolean(action):
             dash = f.name.replace("_", "-")
             if f"--no-{dash}" not in parser._option_string_actions:
@@ -88,8 +106,9 @@ def shown_default(value) -> str | None:
 
 
 def given(args: argparse.Namespace) -> dict:
-    """The options given on the command line (flags not given are absent, or None)."""
-    return {k: v for k, v in vars(args).items() if k not in CONTROL and v is not None}
+    """The options given on the command line (flags not given are absent, or None; an explicit
+    `none` is kept as None)."""
+    return {k: None if v is NULL else v for k, v in vars(args).items() if k not in CONTROL and v is not None}
 
 
 def options_table(kind) -> str:
