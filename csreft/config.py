@@ -44,6 +44,8 @@ def parse_positions(spec: str) -> tuple[int, int] | str:
 # what configurations saved before the routing options (shared subspaces, head/attention
 # router inputs, router_layer, balance term) meant: CSReftConfig.from_dict fills them in
 _BEFORE_ROUTING_OPTIONS = {"shared_subspaces": 0, "router_head": 8, "router_layer": None, "balance_weight": 0.0}
+# saved configs that name no router width were trained with d // 2, the default until format 2
+_BEFORE_FORMAT_2 = {"router_hidden": None}
 
 
 @dataclass
@@ -81,8 +83,8 @@ class CSReftConfig:
     router_layer: int | None = field(default=None, metadata={
         "help": "the layer whose input the router reads (default: the first edited layer); a higher "
                 "one costs a first pass of the base up to it"})
-    router_hidden: int | None = field(default=None, metadata={
-        "help": "router MLP width (default: d // 2, the paper's; small values work)"})
+    router_hidden: int | None = field(default=128, metadata={
+        "help": "router MLP width; None: d // 2, the paper's (2048 at 7B: 8.4M parameters, 16x the edits)"})
     gating: str = field(default="soft", metadata={
         "help": "soft sigmoid gates; hard 0/1 at threshold (straight-through gradient); topk keeps "
                 "top_k; anneal moves from soft to hard over training", "choices": GATINGS})
@@ -217,7 +219,8 @@ class CSReftConfig:
             raise ValueError(f"format_version={version!r} is not valid: this csreft reads formats "
                              f"{', '.join(map(str, READ_FORMATS))}")
         # a saved config without the routing options was trained without them
-        return cls(**{**(_BEFORE_ROUTING_OPTIONS if "balance_weight" not in data else {}), **data})
+        return cls(**{**(_BEFORE_ROUTING_OPTIONS if "balance_weight" not in data else {}),
+                      **(_BEFORE_FORMAT_2 if version == 1 else {}), **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -170,3 +170,14 @@ def test_a_damaged_basis_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match=r"edits\.1\.0\.basis: the basis is not orthonormal"):
         target.load_adapter_weights(tmp_path / "a")
     assert all(torch.equal(before[k], v) for k, v in target.adapter_state_dict(training=True).items())
+
+
+def test_router_width_default_and_what_older_configs_meant():
+    from csreft.config import CSReftConfig as C
+
+    assert C().router_hidden == 128 and C().router_width(4096) == 128
+    assert C(router_hidden=None).router_width(4096) == 2048  # the paper's d // 2
+    saved = C(layers=[1]).to_dict()
+    del saved["router_hidden"]
+    assert C.from_dict({**saved, "format_version": 1}).router_hidden is None  # d // 2 until format 2
+    assert C.from_dict(saved).router_hidden == 128

@@ -45,7 +45,7 @@ class CompareOptions:
     num_subspaces: int | None = _opt(None, "k, the number of routed subspaces (default: one per skill)")
     layers: list[int] = _opt([3, 9, 18, 24], "edited decoder layers", metavar="L,L,...")
     positions: str = _opt("f7+l7", "edited prompt positions (fN, lN, fN+lN or all)")
-    router_hidden: int | None = _opt(None, "router MLP width (default: CSReftConfig's, d // 2)")
+    router_hidden: int | None = _opt(None, "router MLP width (default: CSReftConfig's, 128)")
     sparsity_weight: float | None = _opt(None, "weight of the gates' sparsity term (default: CSReftConfig's)")
     max_length: int = _opt(256, "tokens per training example")
     train_per_skill: int | None = _opt(100, "training records per skill (validation is carved from them)")
