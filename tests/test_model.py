@@ -360,7 +360,7 @@ def test_trainable_parameter_counts_are_honest():
     c = model.trainable_parameters()
     d, K = 64, 6
     assert c["edits"] == 2 * 2 * (d * K + K * d + K)  # 2 layers x 2 position groups
-    assert c["router"] == d * 32 + 32 + 32 * 3 + 3
+    assert c["router"] == d * 128 + 128 + 128 * 3 + 3  # router_hidden 128 (the default)
     assert c["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert c["percent"] == pytest.approx(100 * c["total"] / sum(p.numel() for p in model.base_model.parameters()))
 
