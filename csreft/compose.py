@@ -36,10 +36,12 @@ import torch
 from .config import CSReftConfig
 from .gates import subspace_names
 from .integrity import adapter_name
+from .signatures import stack, unstack
 
 MUST_MATCH = ("positions", "share_positions", "intervention")
 ROUTER_OPTIONS = ("router_input", "router_head", "router_layer", "router_hidden", "gating", "threshold",
-                  "top_k", "sparsity_weight", "balance_weight", "routing_loss_weight", "dropout")
+                  "top_k", "sparsity_weight", "balance_weight", "routing_loss_weight", "dropout", "routing",
+                  "routing_temperature")
 
 
 def _names(directory: Path, meta: dict, config: CSReftConfig) -> list[str]:
@@ -60,7 +62,8 @@ def library_part(directory: Path, model, meta: dict) -> dict:
                  for layer, groups in model.edits.items() for g, e in enumerate(groups)}
     config = model.csreft_config
     return {"dir": directory, "config": config, "identity": meta.get("base_model", {}), "edits": edits,
-            "names": _names(directory, meta, config), "metadata": meta.get("metadata") or {}}
+            "names": _names(directory, meta, config), "metadata": meta.get("metadata") or {},
+            "signature": model.signature_table, "signature_info": model.signature_info}
 
 
 def check_compatible(adapters: list[dict]) -> None:
@@ -163,9 +166,10 @@ def library_config(adapters: list[dict], router: bool = True, **router_options) 
                         orthogonal_subspaces=False, use_router=router, **router_options)
 
 
-def fill_library(model, adapters: list[dict], seed: int = 0) -> None:
+def fill_library(model, adapters: list[dict], seed: int = 0) -> tuple[list, dict]:
     """Set the composed model's edits (built from library_config) to the adapters' subspaces,
-    and its skill names and .composition (sources, overlap) for the saved metadata."""
+    and its skill names and .composition (sources, overlap) for the saved metadata; returns
+    the adapters' signatures (see library_signatures)."""
     config = model.csreft_config
     for layer, groups in model.edits.items():
         for g, edit in enumerate(groups):
@@ -185,6 +189,40 @@ def fill_library(model, adapters: list[dict], seed: int = 0) -> None:
         "overlap": overlap_report(adapters),
         "router_trained": False,
     }
+    return library_signatures(adapters, model.signature_layer)  # for finish_signatures
+
+
+def library_signatures(adapters: list[dict], layer: int) -> tuple[list, dict]:
+    """Each library subspace's signature (the adapters' rows in library order; None where an
+    adapter has none usable) and, per skill without one, why."""
+    rows, problems = [], {}
+    for a in adapters:
+        table, info = a.get("signature"), a.get("signature_info") or {}
+        problem = None
+        if table is None:
+            problem = "has no signatures (saved by an older csreft, imported from pyreft, or trained sharded)"
+        elif info.get("layer") != layer:
+            problem = f"has signatures read at layer {info.get('layer')}, but the library's router reads layer {layer}"
+        elif a["config"].shared_subspaces:
+            problem = "has always-on shared subspaces, which signatures cannot route"
+        rows += [None] * len(a["names"]) if problem else unstack(table)
+        problems.update({name: f"{a['dir']} {problem}" for name in a["names"]} if problem else {})
+    return rows, problems
+
+
+def finish_signatures(model, rows: list, problems: dict, calibrated: dict | None = None) -> None:
+    """Set the library's signatures from `rows`, with the skills in `calibrated` (skill name ->
+    signature from calibration prompts) replaced; under routing=signatures a skill left without
+    one is an error naming its adapter."""
+    names = model.skill_names
+    rows = [(calibrated or {}).get(name, row) for name, row in zip(names, rows)]
+    missing = [name for name, row in zip(names, rows) if row is None]
+    if not missing:
+        model.set_signatures(stack(rows), {"calibrated": sorted(calibrated or {})})
+    elif model.csreft_config.routing == "signatures":
+        first = missing[0]
+        raise ValueError(f"routing=signatures: {problems.get(first, first + ' has no signature')}; give prompts "
+                         f"of skill(s) {', '.join(missing)} in a calibration file (csreft compose --calibration FILE)")
 
 
 def overlap_lines(composition: dict) -> list[str]:

@@ -17,6 +17,7 @@ READ_FORMATS = (1, 2)
 INTERVENTIONS = ("loreft", "direft")
 ROUTER_INPUTS = ("mean", "first", "last", "head", "attention")
 GATINGS = ("soft", "hard", "topk", "anneal")
+ROUTINGS = ("learned", "signatures", "prototypes")  # csreft.signatures
 _POSITIONS_RE = re.compile(r"^(?:all|f\d+|l\d+|f\d+\+l\d+)$")
 
 
@@ -97,6 +98,13 @@ class CSReftConfig:
                 "batch's mean gate (without it unsupervised gates collapse to one vector)"})
     routing_loss_weight: float = field(default=1.0, metadata={
         "help": "weight of the supervised routing loss, BCE(gates, one-hot skill), when skills are given"})
+    routing: str = field(default="learned", metadata={
+        "help": "what gates the edits: the learned router; or, for a skill library, no training: "
+                "signatures (each skill's stored prompt statistics) or prototypes (each edit's own "
+                "weights); see docs/composition.md", "choices": ROUTINGS})
+    routing_temperature: float = field(default=1.0, metadata={
+        "help": "signature / prototype routing: softmax temperature of the scores (top_k skills keep "
+                "their share)"})
     dropout: float = field(default=0.0, metadata={
         "help": "dropout on the low-rank edit coordinates during training, in [0, 1)"})
     format_version: int = field(default=FORMAT_VERSION, init=False)  # checked by from_dict
@@ -148,6 +156,7 @@ class CSReftConfig:
             ("intervention", INTERVENTIONS),
             ("router_input", ROUTER_INPUTS),
             ("gating", GATINGS),
+            ("routing", ROUTINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"one of {', '.join(allowed)}")
@@ -155,14 +164,19 @@ class CSReftConfig:
             not isinstance(self.router_hidden, int) or self.router_hidden < 1
         ):
             raise bad("router_hidden", "None (hidden_size // 2) or an integer >= 1")
-        if self.gating == "topk" and self.top_k > self.num_subspaces:
+        if self.routing != "learned" and not self.use_router:
+            raise bad("routing", "learned when use_router is false (there are no gates to compute)")
+        if (self.gating == "topk" or self.routing != "learned") and self.top_k > self.num_subspaces:
             raise bad("top_k", f"at most num_subspaces={self.num_subspaces}")
-        for name in ("threshold", "dropout", "sparsity_weight", "routing_loss_weight", "balance_weight"):
+        for name in ("threshold", "dropout", "sparsity_weight", "routing_loss_weight", "balance_weight",
+                     "routing_temperature"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise bad(name, "a finite number")
         if not 0.0 < self.threshold < 1.0:
             raise bad("threshold", "a number strictly between 0 and 1")
+        if self.routing_temperature <= 0:
+            raise bad("routing_temperature", "a number > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "a number in [0, 1)")
         for name in ("sparsity_weight", "routing_loss_weight", "balance_weight"):

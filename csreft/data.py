@@ -133,6 +133,34 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     return [normalize_record(r, source, i + 1, where and where[i]) for i, r in enumerate(raw)]
 
 
+def load_prompts(path) -> list[dict]:
+    """Prompts of a JSON / JSONL file, each with the `skill` it belongs to (responses are not
+    needed and not read): {"prompt", "skill", "system"}. Calibration data of a skill library."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    lines: list[int] = []
+    raw = _read_json_records(path, lines)
+    out = []
+    for i, r in enumerate(raw):
+        place = f"line {lines[i]}" if lines else None
+        if isinstance(r, dict):  # the prompt formats with a placeholder response, which is dropped
+            r = {**r, **({"response": "-"} if "prompt" in r else {"output": "-"} if "instruction" in r else {})}
+            if "messages" in r and isinstance(r["messages"], list) and r["messages"][-1:] and \
+                    isinstance(r["messages"][-1], dict) and r["messages"][-1].get("role") == "user":
+                r["messages"] = [*r["messages"], {"role": "assistant", "content": "-"}]
+        rec = normalize_record(r, str(path), i + 1, place)
+        if not rec["skill"]:
+            raise DataError(f"{path}: {place or f'record {i + 1}'}: field 'skill' is missing: every calibration "
+                            "prompt names the library skill it is a prompt of")
+        out.append({"prompt": rec["prompt"], "skill": rec["skill"], "system": rec["system"]})
+    if not out:
+        raise DataError(f"{path}: contains no prompts")
+    return out
+
+
 def read_text(path) -> str:
     """A text file's contents; a file that is not UTF-8 is a DataError naming it."""
     from pathlib import Path

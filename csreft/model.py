@@ -38,6 +38,9 @@ from .integrity import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, atomic_d
                         check_against, check_orthonormal, check_replaceable, is_training_form, read_adapter_config,
                         read_weights, write_file, write_weights)
 from .router import Router, balance_loss, routing_loss, sparsity_loss
+from .signatures import LibraryRouter, check_table, prompt_summary, prototypes, signatures_of, unstack
+
+SIGNATURE_PREFIX = "signature."
 
 
 @dataclass
@@ -82,8 +85,8 @@ class _Context:
     def __init__(self, groups, starts, ends, seq_len, once=False, route_only=False):
         self.groups, self.starts, self.ends, self.seq_len = groups, starts, ends, seq_len
         self.once, self.route_only = once, route_only
-        self.gates = self.probs = self.router_hidden = None
-        self.keep_hidden = False
+        self.gates = self.probs = self.router_hidden = self.summary = None
+        self.keep_hidden = self.summary_only = False
         self._on_device = {}
 
     def on(self, device, shared: int = 0):
@@ -151,7 +154,9 @@ class CSReftModel(nn.Module):
             self.edits[str(layer)] = groups.to(device_of(layers[layer]))
         self.router = None
         router_layer = config.router_reads()
-        if config.use_router:
+        if config.use_router and config.routing != "learned":
+            self.router = LibraryRouter(config.routing, config.routing_temperature, config.top_k)
+        elif config.use_router:
             try:
                 self.router = Router(
                     d, config.router_width(d), config.num_subspaces, config.gating,
@@ -168,6 +173,10 @@ class CSReftModel(nn.Module):
         self.skill_names: list[str] | None = None  # skill of each routed subspace (csreft.gates)
         self.default_gates: torch.Tensor | None = None  # set by csreft.gates.steering
         self.adapter_metadata: dict = {}  # the metadata of the adapter loaded (skills, training run)
+        # per routed subspace, where its skill's prompts lie at signature_layer (csreft.signatures):
+        # saved as `signature.*` tensors; routing="signatures" gates by them
+        self.signature_table: dict[str, torch.Tensor] | None = None
+        self.signature_info: dict | None = None
         self._hooks = [
             layers[router_layer if config.use_router else config.layers[0]].register_forward_pre_hook(
                 self._route_hook, with_kwargs=True),
@@ -191,6 +200,9 @@ class CSReftModel(nn.Module):
     def _route_hook(self, module, args, kwargs):
         hidden = _hidden_from(args, kwargs)
         ctx = self._current(hidden)
+        if ctx is not None and ctx.summary_only:
+            ctx.summary = prompt_summary(hidden, ctx.starts.to(hidden.device), ctx.ends.to(hidden.device))
+            raise _StopForward
         if ctx is None or ctx.gates is not None:
             return None
         if self.router is None:
@@ -205,7 +217,45 @@ class CSReftModel(nn.Module):
 
     def _run_router(self, hidden, ctx) -> None:
         starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
-        ctx.gates, ctx.probs = self.router(hidden, starts, ends)
+        if isinstance(self.router, LibraryRouter):
+            ctx.gates, ctx.probs = self.router(hidden, starts, ends, self.routing_table())
+        else:
+            ctx.gates, ctx.probs = self.router(hidden, starts, ends)
+
+    @property
+    def signature_layer(self) -> int:
+        """The layer whose input prompt summaries (signatures, routing) are read at."""
+        c = self.csreft_config
+        return c.router_reads() if c.use_router else c.layers[0]
+
+    def routing_table(self):
+        """What a library router scores against: the signature table, or the prototypes of the
+        edits at the router's layer (a subspace that does not edit it: at its lowest edited layer)."""
+        if self.csreft_config.routing == "signatures":
+            if self.signature_table is None:
+                raise ValueError("routing=signatures, but this model has no signatures: compose adapters saved "
+                                 "by csreft train, or give a calibration file (csreft compose --calibration)")
+            return self.signature_table
+        found = None
+        for layer in sorted(self.edits, key=lambda l: (int(l) != self.signature_layer, int(l))):
+            edit, k = self.edits[layer][0], self.csreft_config.num_subspaces
+            q = edit.stacked_basis().reshape(edit.hidden_size, -1, edit.rank).permute(1, 0, 2)
+            p = prototypes(q[:k], edit.weight[: k * edit.rank])
+            found = p if found is None else torch.where(found.abs().sum(-1, keepdim=True) > 0, found, p)
+        return found
+
+    @torch.no_grad()
+    def prompt_summaries(self, input_ids, attention_mask=None, prompt_starts=None, prompt_lengths=None) -> torch.Tensor:
+        """(B, d) summaries of the prompts at signature_layer (the unedited hidden states there;
+        see csreft.signatures.prompt_summary); runs the base only up to that layer."""
+        self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
+        self._ctx.summary_only = True
+        try:
+            self.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        ctx, self._ctx = self._ctx, None
+        return ctx.summary
 
     def _route_before(self, ctx, input_ids, attention_mask) -> None:
         """Fill ctx.gates from a first pass of the base (no edits, no gradient through the
@@ -425,7 +475,33 @@ class CSReftModel(nn.Module):
         training=True: the tensors training moves instead (reflectors and anchor), which a
         checkpoint needs to resume bit for bit (see csreft.integrity)."""
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
-        return state if training else basis_form(state)
+        return {**(state if training else basis_form(state)), **self._signature_state()}
+
+    @staticmethod
+    def _own(state: dict) -> dict:
+        return {k: v for k, v in state.items() if not k.startswith(SIGNATURE_PREFIX)}
+
+    def _signature_state(self) -> dict[str, torch.Tensor]:
+        table = self.signature_table or {}
+        return {f"{SIGNATURE_PREFIX}{k}": v for k, v in table.items()}
+
+    def set_signatures(self, table: dict[str, torch.Tensor] | None, info: dict | None = None) -> None:
+        """Attach signatures (csreft.signatures: one row per routed subspace, read at
+        signature_layer), checked; None removes them."""
+        if table is None:
+            self.signature_table = self.signature_info = None
+        else:
+            self.signature_table, self.signature_info = self._checked_signatures(table, info)
+
+    def _checked_signatures(self, table: dict, info: dict | None) -> tuple[dict, dict]:
+        d = model_identity(self.base_model)["hidden_size"]
+        check_table(table, self.csreft_config.num_subspaces, d, "signatures")
+        info = dict(info or {})
+        if info.get("layer", self.signature_layer) != self.signature_layer:
+            raise ValueError(f"signatures read at layer {info['layer']}, but this adapter's router reads layer "
+                             f"{self.signature_layer}; compute them again (csreft compose --calibration FILE)")
+        return ({k: v.detach().float().cpu() for k, v in table.items()},
+                {**info, "layer": self.signature_layer, "summary": "mean", "hidden_size": d})
 
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None, state=None,
                         overwrite: bool = False) -> None:
@@ -444,12 +520,13 @@ class CSReftModel(nn.Module):
         """Write the adapter files into an existing directory (not atomic by itself); the
         config records the sha256 of the weights file. `state` in either form (default: this
         model's); written in basis form, or as is with training=True (a checkpoint)."""
-        state = self.adapter_state_dict(training=True) if state is None else state
+        state = self.adapter_state_dict(training=True) if state is None else {**state, **self._signature_state()}
         state = {k: v.detach().cpu().contiguous() for k, v in (state if training else basis_form(state)).items()}
         meta = {
             "csreft_config": self.csreft_config.to_dict(),
             "base_model": model_identity(self.base_model),
             "metadata": metadata or {},
+            **({"signature": self.signature_info} if self.signature_table is not None else {}),
             "weights_sha256": write_weights(Path(directory) / ADAPTER_WEIGHTS, state),
         }
         write_file(Path(directory) / ADAPTER_CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -459,16 +536,26 @@ class CSReftModel(nn.Module):
         the checksum (adapters saved before checksums: none), names, shapes, kinds of dtype,
         finite values and orthonormal bases. Any of the three forms of the bases is read (Q, a
         checkpoint's reflectors, format 1's parametrisation). On a failure nothing is loaded."""
-        checksum = read_adapter_config(directory).get("weights_sha256")
-        state = read_weights(directory, checksum)
+        meta = read_adapter_config(directory)
+        state = read_weights(directory, meta.get("weights_sha256"))
         weights = adapter_files(directory)[1]
+        table = {k[len(SIGNATURE_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(SIGNATURE_PREFIX)}
+        if table:
+            try:
+                table, info = self._checked_signatures(table, meta.get("signature"))
+            except ValueError as err:
+                raise ValueError(f"{weights}: {err}") from None
+        elif self.csreft_config.routing == "signatures":
+            raise ValueError(f"{weights}: routing=signatures, but the file holds no signature tensors")
         if is_training_form(state):  # a checkpoint: loaded as is, so a resume continues exactly
-            check_against(state, self.adapter_state_dict(training=True), weights)
+            check_against(state, self._own(self.adapter_state_dict(training=True)), weights)
         else:
             state = basis_form(state)  # format 1's bases, read as Q
-            check_against(state, self.adapter_state_dict(), weights)
+            check_against(state, self._own(self.adapter_state_dict()), weights)
             check_orthonormal(state, weights)
         self.load_state_dict(state, strict=False)  # Q becomes the edit's anchor, exactly
+        if table:
+            self.signature_table, self.signature_info = table, info
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, revision: str | None = None,
@@ -531,12 +618,15 @@ class CSReftModel(nn.Module):
 
     @classmethod
     def from_adapters(cls, base_model: nn.Module, directories, router: bool = True, seed: int = 0,
-                      **router_options) -> "CSReftModel":
+                      calibration: list[dict] | None = None, **router_options) -> "CSReftModel":
         """One model from separately trained adapters, each imported as subspaces of its own (a
         skill library, see csreft.compose): with only adapter i's gates on it computes adapter
         i's edits exactly. `router`: a fresh (untrained) router, or none; router_options:
-        CSReftConfig router fields for it (router_input, gating, ...). The result carries
-        .skill_names and .composition (sources, overlap): save it with
+        CSReftConfig router fields for it (router_input, gating, ...); routing="signatures" or
+        "prototypes" routes without training (csreft.signatures). The library keeps the
+        adapters' signatures; `calibration`: encoded prompts (csreft.data.encode_example) with a
+        "skill" (a library skill name) whose signatures replace or supply those skills'. The
+        result carries .skill_names and .composition (sources, overlap): save it with
         save_pretrained(dir, metadata=model.composition)."""
         directories = [Path(d) for d in directories]
         if not directories:
@@ -552,7 +642,18 @@ class CSReftModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(base_model, config)
-        compose.fill_library(model, parts, seed)
+        rows, problems = compose.fill_library(model, parts, seed)
+        calibrated = None
+        if calibration:
+            unknown = sorted({e["skill"] for e in calibration} - set(model.skill_names))
+            if unknown:
+                raise ValueError(f"calibration prompts of skill(s) {unknown}, which the library does not have; "
+                                 f"its skills: {', '.join(model.skill_names)}")
+            skills = sorted({e["skill"] for e in calibration}, key=model.skill_names.index)
+            table = signatures_of(model, calibration, [skills.index(e["skill"]) for e in calibration],
+                                  subspaces=len(skills))
+            calibrated = dict(zip(skills, unstack(table)))
+        compose.finish_signatures(model, rows, problems, calibrated)
         return model.eval()
 
     def remove_hooks(self) -> nn.Module:

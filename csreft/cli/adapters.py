@@ -16,31 +16,65 @@ def _help(name: str) -> str:
     return CSReftConfig.__dataclass_fields__[name].metadata["help"]
 
 
+def _calibration(path: str, tokenizer) -> list[dict]:
+    """A calibration file's prompts, encoded as training encodes them, with their skills."""
+    from ..data import encode_example, load_prompts
+
+    return [{**encode_example(tokenizer, r["prompt"], system=r["system"]), "skill": r["skill"]}
+            for r in load_prompts(path)]
+
+
 def cmd_compose(args: argparse.Namespace) -> None:
     from ..base_models import load_base
     from ..compose import overlap_lines
-    from ..integrity import ADAPTER_CONFIG, adapter_files, check_replaceable
+    from ..integrity import ADAPTER_CONFIG, adapter_files, check_replaceable, read_adapter_config
     from ..model import CSReftModel
 
-    dirs = [d.strip() for d in args.adapters.split(",") if d.strip()]
+    dirs = [d.strip() for d in (args.adapters or "").split(",") if d.strip()]
+    added = [d.strip() for d in (args.add or "").split(",") if d.strip()]
+    if args.library:
+        dirs = [args.library, *dirs, *added]
+    elif added:
+        raise SystemExit("csreft compose: --add needs --library LIB, the composed library to add the skills to")
+    if not dirs:
+        raise SystemExit("csreft compose: give --adapters DIR,DIR or --library LIB --add DIR")
     out = Path(os.path.realpath(args.output_dir))
     for d in dirs:
         if not adapter_files(d)[0].is_file():
             raise SystemExit(f"csreft compose: {d}: not a csreft adapter directory (no {ADAPTER_CONFIG})")
+        if d == args.library and out == Path(os.path.realpath(d)):
+            continue  # grown in place: the new library replaces it atomically once it is complete
         if out == Path(os.path.realpath(d)) or out in Path(os.path.realpath(d)).parents:
             raise SystemExit(f"csreft compose: --output-dir {args.output_dir} holds the input adapter {d}: "
                              "the library would replace it; give another output directory")
-    check_replaceable(args.output_dir, args.overwrite)  # before any work
-    base, _ = load_base(args.model or adapter_base(dirs[0] if dirs else None), tokenizer=False)
-    options = {k: getattr(args, k) for k in ("router_input", "gating") if getattr(args, k) is not None}
-    model = CSReftModel.from_adapters(base, dirs, router=args.router, seed=args.seed, **options)
-    model.save_pretrained(args.output_dir, metadata=model.composition, overwrite=args.overwrite)
+    options = {k: getattr(args, k) for k in ("router_input", "gating", "routing", "routing_temperature", "top_k")
+               if getattr(args, k) is not None}
+    if args.library:  # the library keeps its own routing unless told otherwise
+        kept = read_adapter_config(args.library)["csreft_config"]
+        options = {**{k: kept[k] for k in ("routing", "routing_temperature", "top_k") if k in kept}, **options}
+    if args.library and options.get("routing", "learned") == "learned" and args.router:
+        print("note: a learned router cannot take new skills: the grown library gets a fresh router "
+              "(train it with --train router, or compose with --routing signatures)")
+    check_replaceable(args.output_dir, args.overwrite or out == Path(os.path.realpath(args.library or "")))
+    base, tokenizer = load_base(args.model or adapter_base(dirs[0]), tokenizer=bool(args.calibration))
+    calibration = _calibration(args.calibration, tokenizer) if args.calibration else None
+    model = CSReftModel.from_adapters(base, dirs, router=args.router, seed=args.seed, calibration=calibration,
+                                      **options)
+    model.save_pretrained(args.output_dir, metadata=model.composition,
+                          overwrite=args.overwrite or out == Path(os.path.realpath(args.library or "")))
     c = model.csreft_config
     print(f"composed {len(dirs)} adapters into {args.output_dir}: {c.num_subspaces} subspaces "
           f"at layers {c.layers}, rank {c.rank}")
     print(f"skills: {', '.join(model.skill_names)}")
-    print("router: " + ("fresh (untrained): use --skills/--gates, or train it with "
-                        f"csreft train --init-adapter {args.output_dir} --train router" if args.router else "none"))
+    if not args.router:
+        print("router: none")
+    elif c.routing != "learned":
+        print(f"routing: {c.routing} (no training), top {c.top_k}, temperature {c.routing_temperature:g}")
+    else:
+        print("router: fresh (untrained): use --skills/--gates, train it with csreft train --init-adapter "
+              f"{args.output_dir} --train router, or compose with --routing signatures")
+    if model.signature_table is None:
+        print("signatures: none (not every adapter has them; --calibration FILE supplies them)")
     print("overlap between imported subspaces (principal angles; 90 deg = orthogonal):")
     print("\n".join(overlap_lines(model.composition)) or "  (no layer edited by two adapters)")
 
@@ -82,7 +116,18 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def add_parsers(sub) -> None:
     comp = sub.add_parser("compose", help="one CS-ReFT adapter (a skill library) from several trained adapters")
-    comp.add_argument("--adapters", required=True, help="comma-separated adapter directories (LoReFT or CS-ReFT)")
+    comp.add_argument("--adapters", default=None, help="comma-separated adapter directories (LoReFT or CS-ReFT)")
+    comp.add_argument("--library", default=None, help="a composed library to grow: its skills come first, "
+                      "unchanged, then those of --add (and --adapters); --output-dir may be the library itself")
+    comp.add_argument("--add", default=None, help="comma-separated adapters to add to --library, no retraining")
+    comp.add_argument("--routing", default=None, choices=CSReftConfig.__dataclass_fields__["routing"]
+                      .metadata["choices"], help=_help("routing") + " (default: learned; with --library, its own)")
+    comp.add_argument("--routing-temperature", type=float, default=None, help=_help("routing_temperature"))
+    comp.add_argument("--top-k", type=int, default=None, help="skills whose edits signature / prototype routing "
+                      "turns on per input (default 1: the best one, with gate 1)")
+    comp.add_argument("--calibration", default=None, help="JSON / JSONL prompts, each with the 'skill' (a library "
+                      "skill name) it belongs to, no responses needed: signatures for those skills, for adapters "
+                      "saved without them (pyreft imports) or trained on other prompts")
     comp.add_argument("--output-dir", required=True, help="where the composed adapter goes (written atomically)")
     comp.add_argument("--model", default=None, help="base model (default: the first adapter's base)")
     comp.add_argument("--router", action=argparse.BooleanOptionalAction, default=True,

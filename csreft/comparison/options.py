@@ -21,7 +21,7 @@ def _opt(default, help: str, **extra):
 class CompareOptions:
     _argument_group_name = "comparison"  # the group of these flags in --help
 
-    suite: str = _opt("builtin", "the multi-skill suite: builtin (generated), classification or commonsense "
+    suite: str = _opt("builtin", "the multi-skill suite: builtin (generated), classification, paraphrase (classification, 8 phrasings per task, 3 held out) or commonsense "
                       "(real data, see `csreft data`)")
     train: str | None = _opt(None, "your own training records (JSON / JSONL with 'skill'); with --test, replaces the suite")
     test: str | None = _opt(None, "your own test records, same format")

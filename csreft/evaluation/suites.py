@@ -418,6 +418,43 @@ def classification_suite(train_per_skill: int | None = 500, test_per_skill: int 
                        train_per_skill, test_per_skill, seed, data_dir)
 
 
+def paraphrase_suite(train_per_skill: int | None = 500, test_per_skill: int | None = 200,
+                     seed: int = 0, data_dir=None, test_phrasings: str = "both") -> Suite:
+    """The classification tasks with 8 instructions per task (csreft.evaluation.paraphrase):
+    training records use 5 of them, in turn; each test text is asked with one of the 3 held-out
+    instructions (group "unseen") and, with test_phrasings="both", also with one of the 5
+    training instructions (group "seen"), so that a run measures both on the same texts. Some
+    instructions on each side put the text first and the question last."""
+    from .paraphrase import PHRASINGS, rephrase, source_text
+
+    if test_phrasings not in ("both", "unseen", "seen"):
+        raise ValueError(f"test_phrasings={test_phrasings!r}: expected both, unseen or seen")
+    base = classification_suite(train_per_skill, test_per_skill, seed, data_dir)
+    def phrased(record, phrasing, group, n):
+        task = record["skill"]
+        names = [c.rsplit(" ", 1)[-1] for c in record["choices"]]
+        return {**record, "prompt": rephrase(task, source_text(task, record["prompt"]), names, phrasing),
+                "group": group, "phrasing": n}
+
+    train, test = [], []
+    for task in base.skills:
+        seen, unseen = PHRASINGS[task]
+        rows = [r for r in base.train if r["skill"] == task]
+        train += [phrased(r, seen[i % len(seen)], "seen", i % len(seen)) for i, r in enumerate(rows)]
+        for i, r in enumerate(r for r in base.test if r["skill"] == task):
+            if test_phrasings in ("both", "unseen"):
+                j = i % len(unseen)
+                test.append(phrased(r, unseen[j], "unseen", len(seen) + j))
+            if test_phrasings in ("both", "seen"):
+                test.append(phrased(r, seen[i % len(seen)], "seen", i % len(seen)))
+    info = {**base.info, "phrasings": {t: {"train": list(p[0]), "test": list(p[1])} for t, p in PHRASINGS.items()},
+            "test_phrasings": test_phrasings,
+            "how": "training record i of a task uses training phrasing i mod 5; test text i uses held-out "
+                   "phrasing i mod 3 (group unseen) and training phrasing i mod 5 (group seen)"}
+    name = "paraphrase" if test_phrasings == "both" else f"paraphrase-{test_phrasings}"
+    return Suite(name, base.skills, train, test, [], "label", info)
+
+
 def commonsense_suite(train_per_skill: int | None = 500, test_per_skill: int | None = 200,
                       seed: int = 0, data_dir=None, piqa_test_fraction: float = 0.5) -> Suite:
     """boolq / piqa / arc_easy / arc_challenge / openbookqa from <data>/commonsense.
@@ -467,13 +504,13 @@ def files_suite(train: str, test: str, train_per_skill: int | None = None, test_
     return Suite(f"files:{digest}", skills, parts["train"], parts["test"], [], scoring, info)
 
 
-SUITES = {"builtin": builtin_suite, "classification": classification_suite, "commonsense": commonsense_suite,
-          "files": files_suite}
+SUITES = {"builtin": builtin_suite, "classification": classification_suite, "paraphrase": paraphrase_suite,
+          "commonsense": commonsense_suite, "files": files_suite}
 
 
 def get_suite(name: str, **kwargs) -> Suite:
-    """builtin_suite / classification_suite / commonsense_suite / files_suite by name, with
-    their keywords."""
+    """builtin_suite / classification_suite / paraphrase_suite / commonsense_suite / files_suite
+    by name, with their keywords."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}")
     return SUITES[name](**kwargs)

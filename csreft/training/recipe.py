@@ -18,6 +18,7 @@ from ..config import CSReftConfig
 from ..data import Collator, SupervisedDataset, load_records, skill_names
 from ..integrity import read_adapter_config
 from ..model import CSReftModel, get_csreft_model
+from ..signatures import signatures_of
 from .distributed import single_process_launch
 from .options import split_options
 from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, claim, fingerprint,
@@ -251,6 +252,7 @@ def _fit(run: TrainingRun) -> dict:
     }
     if run.eval_set is not None:
         summary["eval_loss"] = trainer.evaluate().get("eval_loss")
+    summary["signatures"] = _attach_signatures(run)
     state = trainer.adapter_state()  # collective under FSDP / ZeRO-3: every rank gathers, rank 0 writes
     if trainer.is_world_process_zero():
         if run.finished and adapter_is_final(opts["output_dir"], run.fingerprint, result.global_step):
@@ -261,6 +263,31 @@ def _fit(run: TrainingRun) -> dict:
         (Path(opts["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
+
+
+def _attach_signatures(run: TrainingRun) -> str:
+    """Store each skill's signature in the adapter (csreft.signatures) from the training prompts,
+    so that a library of it routes without training; returns what was done, for the summary."""
+    trainer, model = run.trainer, run.model
+    if trainer.accelerator.num_processes > 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return "none: a sharded or multi-process run (compose with --calibration FILE instead)"
+    examples = [run.train_set[i] for i in range(len(run.train_set))]
+    if model.csreft_config.num_subspaces == 1:
+        groups = [0] * len(examples)
+    elif model.adapter_metadata.get("skill_routing") or run.trainer.adapter_metadata.get("skill_routing"):
+        groups = [e["skill_label"] for e in examples]
+    else:
+        return "none: the subspaces are not tied to skills (train with --skill-routing for signatures)"
+    training = model.training
+    model.eval()
+    try:
+        model.set_signatures(signatures_of(model, examples, groups, run.tokenizer.pad_token_id),
+                             {"prompts": [sum(g == j for g in groups) for j in range(model.csreft_config.num_subspaces)]})
+    except ValueError as err:
+        return f"none: {err}"
+    finally:
+        model.train(training)
+    return f"stored: {len(examples)} training prompts at layer {model.signature_layer}"
 
 
 def run(options: dict, callbacks: list | None = None) -> dict:
