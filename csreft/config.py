@@ -18,6 +18,7 @@ INTERVENTIONS = ("loreft", "direft")
 ROUTER_INPUTS = ("mean", "first", "last", "head", "attention")
 GATINGS = ("soft", "hard", "topk", "anneal")
 ROUTINGS = ("learned", "signatures", "prototypes")  # csreft.signatures
+ROUTER_INITS = ("random", "kmeans")
 _POSITIONS_RE = re.compile(r"^(?:all|f\d+|l\d+|f\d+\+l\d+)$")
 
 
@@ -98,6 +99,10 @@ class CSReftConfig:
                 "batch's mean gate (without it unsupervised gates collapse to one vector)"})
     routing_loss_weight: float = field(default=1.0, metadata={
         "help": "weight of the supervised routing loss, BCE(gates, one-hot skill), when skills are given"})
+    router_init: str = field(default="random", metadata={
+        "help": "how training starts the router: random (nn.Linear's initialisation), or kmeans: at the "
+                "k-means clusters of the training prompts' summaries (whitened), so that the balance term "
+                "starts from separated skills", "choices": ROUTER_INITS})
     routing: str = field(default="learned", metadata={
         "help": "what gates the edits: the learned router; or, for a skill library, no training: "
                 "signatures (each skill's stored prompt statistics) or prototypes (each edit's own "
@@ -157,6 +162,7 @@ class CSReftConfig:
             ("router_input", ROUTER_INPUTS),
             ("gating", GATINGS),
             ("routing", ROUTINGS),
+            ("router_init", ROUTER_INITS),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"one of {', '.join(allowed)}")

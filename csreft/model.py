@@ -201,7 +201,9 @@ class CSReftModel(nn.Module):
         hidden = _hidden_from(args, kwargs)
         ctx = self._current(hidden)
         if ctx is not None and ctx.summary_only:
-            ctx.summary = prompt_summary(hidden, ctx.starts.to(hidden.device), ctx.ends.to(hidden.device))
+            starts, ends = ctx.starts.to(hidden.device), ctx.ends.to(hidden.device)
+            ctx.summary = (self.router.summarise(hidden, starts, ends) if ctx.summary_only == "router"
+                           else prompt_summary(hidden, starts, ends))
             raise _StopForward
         if ctx is None or ctx.gates is not None:
             return None
@@ -245,11 +247,15 @@ class CSReftModel(nn.Module):
         return found
 
     @torch.no_grad()
-    def prompt_summaries(self, input_ids, attention_mask=None, prompt_starts=None, prompt_lengths=None) -> torch.Tensor:
-        """(B, d) summaries of the prompts at signature_layer (the unedited hidden states there;
-        see csreft.signatures.prompt_summary); runs the base only up to that layer."""
+    def prompt_summaries(self, input_ids, attention_mask=None, prompt_starts=None, prompt_lengths=None,
+                         of: str = "signature") -> torch.Tensor:
+        """(B, d) summaries of the prompts at signature_layer (the unedited hidden states there):
+        a signature's (csreft.signatures.prompt_summary), or of="router" what the learned router
+        reads (Router.summarise); runs the base only up to that layer."""
+        if of not in ("signature", "router") or (of == "router" and not isinstance(self.router, Router)):
+            raise ValueError(f"of={of!r}: 'signature', or 'router' for a model with a learned router")
         self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
-        self._ctx.summary_only = True
+        self._ctx.summary_only = of
         try:
             self.base_model(input_ids=input_ids, attention_mask=attention_mask)
         except _StopForward:

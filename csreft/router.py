@@ -174,3 +174,61 @@ def routing_nmi(gates: torch.Tensor, skills) -> dict:
     hard = torch.nn.functional.one_hot(g.argmax(-1), g.shape[-1]).to(g.dtype)
     soft = g / g.sum(-1, keepdim=True).clamp(min=1e-12)
     return {"nmi": _nmi(onehot.T @ hard), "soft_nmi": _nmi(onehot.T @ soft), "n": len(keep)}
+
+
+# -- starting the router at a clustering of the prompts ------------------------------------------
+def kmeans(x: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """Cluster ids (N,) of the rows of x (N, m): k-means++ seeding, Lloyd iterations, the
+    lowest-inertia of `restarts` runs (seeded: the same x gives the same clusters)."""
+    x = x.double()
+    g = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, math.inf
+    for _ in range(restarts):
+        centres = x[torch.randint(len(x), (1,), generator=g)]
+        for _ in range(1, k):
+            d2 = torch.cdist(x, centres).min(1).values ** 2
+            pick = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(len(x), (1,), generator=g)
+            centres = torch.cat([centres, x[pick]])
+        for _ in range(iters):
+            assign = torch.cdist(x, centres).argmin(1)
+            moved = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+            if torch.equal(moved, centres):
+                break
+            centres = moved
+        inertia = float(((x - centres[assign]) ** 2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = assign, inertia
+    return best
+
+
+def whiten(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """x (N, d) centred and projected on its top `dims` principal directions, each scaled to
+    unit variance: the view in which prompt clusters are skills (docs/results/routing-study.md)."""
+    x = x.double() - x.double().mean(0)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    dims = min(dims, vh.shape[0])
+    return x @ vh[:dims].T / (s[:dims] / max(len(x) - 1, 1) ** 0.5).clamp(min=1e-12)
+
+
+def cluster_init(router: Router, summaries: torch.Tensor, dims: int | None = None, steps: int = 300,
+                 lr: float = 1e-2, seed: int = 0) -> torch.Tensor:
+    """Start `router` at the k-means partition of prompt summaries (N, d) (as the router reads
+    them, before its layer norm): cluster the summaries, whitened in their top `dims` principal
+    directions (default 2k), into k groups, then fit the
+    router's gates to the one-hot clusters (BCE, Adam, full batch). Returns the cluster ids.
+    Training then starts from gates that already tell the clusters apart, instead of a balance
+    term's local optimum that merges two skills."""
+    k = router.mlp[-1].out_features
+    assign = kmeans(whiten(F.layer_norm(summaries.double(), summaries.shape[-1:]), dims or 2 * k), k, seed=seed)
+    summaries = summaries.to(router.mlp[0].weight.dtype)
+    target = F.one_hot(assign, k).to(summaries.dtype)
+    params = [p for p in router.mlp.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            _, probs = router(summaries)
+            loss = F.binary_cross_entropy(probs, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return assign

@@ -141,28 +141,31 @@ MAX_PROMPTS = 1024  # per subspace: a signature of more prompts hardly moves
 
 
 @torch.no_grad()
-def signatures_of(model, examples: list[dict], groups: list[int], pad_id: int = 0, batch_size: int = 16,
-                  rank: int = RANK, subspaces: int | None = None) -> dict[str, torch.Tensor]:
-    """The signature table (one row per routed subspace of `model`) of encoded examples
-    (csreft.data: input_ids, prompt_start, prompt_length), examples[i] belonging to subspace
-    groups[i] (-1: none). Every subspace needs at least one example; at most MAX_PROMPTS of
-    each are read (the first ones). Rows are left-padded with pad_id (masked, so any id does).
-    `subspaces`: how many groups (default: the model's k)."""
+def summaries_of(model, examples: list[dict], pad_id: int = 0, batch_size: int = 16, of: str = "signature") -> torch.Tensor:
+    """(N, d) prompt summaries of encoded examples (csreft.data: input_ids, prompt_start,
+    prompt_length) at the model's signature layer: the signatures' (of="signature") or its
+    learned router's own (of="router"); rows left-padded with pad_id (masked, any id does)."""
     from .data import pad_batch
 
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(examples), batch_size):
+        b = pad_batch([{key: e[key] for key in ("input_ids", "prompt_start", "prompt_length")}
+                       for e in examples[s:s + batch_size]], pad_id, side="left")
+        out.append(model.prompt_summaries(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                          b["prompt_starts"], b["prompt_lengths"], of=of).cpu())
+    return torch.cat(out)
+
+
+def signatures_of(model, examples: list[dict], groups: list[int], pad_id: int = 0, batch_size: int = 16,
+                  rank: int = RANK, subspaces: int | None = None) -> dict[str, torch.Tensor]:
+    """The signature table (one row per routed subspace of `model`) of encoded examples,
+    examples[i] belonging to subspace groups[i] (-1: none). Every subspace needs at least one
+    example; at most MAX_PROMPTS of each are read (the first ones). `subspaces`: how many
+    groups (default: the model's k)."""
     k = model.csreft_config.num_subspaces if subspaces is None else subspaces
     chosen = [[i for i, g in enumerate(groups) if g == j][:MAX_PROMPTS] for j in range(k)]
     empty = [j for j in range(k) if not chosen[j]]
     if empty:
         raise ValueError(f"no prompts for subspace(s) {empty}: a signature needs at least one prompt of its skill")
-    device = next(model.parameters()).device
-    rows = []
-    for part in chosen:
-        out = []
-        for s in range(0, len(part), batch_size):
-            b = pad_batch([{key: examples[i][key] for key in ("input_ids", "prompt_start", "prompt_length")}
-                           for i in part[s:s + batch_size]], pad_id, side="left")
-            out.append(model.prompt_summaries(b["input_ids"].to(device), b["attention_mask"].to(device),
-                                              b["prompt_starts"], b["prompt_lengths"]).cpu())
-        rows.append(fit(torch.cat(out), rank))
-    return stack(rows)
+    return stack([fit(summaries_of(model, [examples[i] for i in part], pad_id, batch_size), rank) for part in chosen])

@@ -225,3 +225,38 @@ def test_unsupervised_training_logs_routing_and_the_balance_term_separates_reque
     fit(plain)
     gates = plain.model.route(batch["input_ids"], batch["attention_mask"], batch["prompt_starts"], batch["prompt_lengths"])
     assert routing_nmi(gates, skills)["nmi"] < 0.3
+
+
+def test_kmeans_start_gives_each_cluster_its_own_subspace_before_any_training():
+    from csreft.router import cluster_init, kmeans, routing_nmi
+
+    torch.manual_seed(3)
+    centres = torch.randn(3, 32) * 4
+    labels = torch.arange(3).repeat_interleave(40)
+    x = centres[labels] + torch.randn(120, 32)
+    assign = kmeans(x, 3)
+    assert routing_nmi(torch.nn.functional.one_hot(assign, 3).float(), labels.tolist())["nmi"] > 0.99
+    assert torch.equal(assign, kmeans(x, 3))  # seeded
+    router = Router(32, 16, 3)
+    before = routing_nmi(router(x)[1].detach(), labels.tolist())["nmi"]
+    cluster_init(router, x, dims=4)
+    after = router(x)[1].detach()
+    assert routing_nmi(after, labels.tolist())["nmi"] > 0.99 and before < 0.9
+    assert (after.max(1).values > 0.9).all()  # committed gates, one subspace per cluster
+
+
+def test_router_init_kmeans_in_a_training_run(tmp_path, tiny_model_dir):
+    import json
+
+    from csreft.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{p} {w}", "response": w, "skill": p}) + "\n"
+                            for p in ("reverse it:", "double it:") for w in ["abc", "dog", "cat", "sun"]))
+    main(["train", "--data", str(data), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
+          "--num-subspaces", "2", "--layers", "1,2", "--rank", "2", "--positions", "f3+l3", "--max-steps", "2",
+          "--batch-size", "4", "--router-input", "mean", "--router-init", "kmeans"])
+    saved = json.loads((tmp_path / "run" / "adapter" / "csreft_config.json").read_text())
+    assert saved["csreft_config"]["router_init"] == "kmeans"
+    with pytest.raises(ValueError, match="router_init='bad' is not valid: one of random, kmeans"):
+        CSReftConfig(router_init="bad")

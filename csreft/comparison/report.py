@@ -98,6 +98,10 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
             "routing_nmi": _ms([r["routing"]["nmi"] for r in results if "routing" in r]),
             "routing_soft_nmi": _ms([r["routing"]["soft_nmi"] for r in results if "routing" in r]),
             "gates": [r["gates"] for r in results if "gates" in r],
+            "by_group": {g: {"micro_accuracy": _ms([r["by_group"][g]["micro_accuracy"] for r in results]),
+                             "routing_nmi": _ms([r["by_group"][g]["routing"]["nmi"] for r in results
+                                                 if "routing" in r["by_group"][g]])}
+                         for g in sorted(results[0].get("by_group", {}))},
             "lora_rank": results[0].get("lora_rank"),
             "examples_per_skill": [r["examples_per_skill"] for r in results if "examples_per_skill" in r],
         }
@@ -180,6 +184,20 @@ def render_markdown(r: dict) -> str:
             maps = ", ".join(f"gates-{_slug(name)}-seed{s}.png" for s in r["seeds"][:len(m["gates"])])
             lines.append(f"| {name} | {_fmt(m['routing_nmi']['mean'], m['routing_nmi']['sd'], False)} | "
                          f"{_fmt(m['routing_soft_nmi']['mean'], m['routing_soft_nmi']['sd'], False)} | {maps} |")
+    grouped = {n: m for n, m in r["methods"].items() if m.get("by_group")}
+    if grouped:
+        groups = sorted({g for m in grouped.values() for g in m["by_group"]})
+        lines += ["", "By test group (the paraphrase suite: instructions seen in training or held out): "
+                  "micro accuracy in %, routing NMI; mean over seeds.", "",
+                  "| method | " + " | ".join(f"{g} acc | {g} NMI" for g in groups) + " |",
+                  "|---" * (2 * len(groups) + 1) + "|"]
+        for name, m in grouped.items():
+            cells = []
+            for g in groups:
+                v = m["by_group"].get(g, {})
+                cells += [_fmt(v.get("micro_accuracy", {}).get("mean")),
+                          _fmt(v.get("routing_nmi", {}).get("mean"), None, False)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if r["interference"]:
         lines += ["", "Interference = specialist accuracy - joint accuracy (points; positive = the joint "
                   "run lost accuracy to sharing).", "",

@@ -50,7 +50,8 @@ from ..model import get_csreft_model
 from .report import _slug, plot_gates, write_report
 from ..router import routing_nmi
 from ..training.options import DEFAULTS
-from ..training.trainer import CSReftTrainer, JsonlLogger, OrderedTrainer, answer_loss, training_arguments
+from ..training.trainer import (CSReftTrainer, JsonlLogger, OrderedTrainer, answer_loss, start_router,
+                                training_arguments)
 from .methods import ROUTED, Method, parse_methods
 from .options import CompareOptions
 
@@ -108,6 +109,8 @@ def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: 
                                "lr": lr, "seed": seed, "max_steps": steps, "logging_steps": min(10, steps)})
     common = dict(model=model, args=args, train_dataset=data, shuffle=False,
                   callbacks=[JsonlLogger(out_dir / "log.jsonl")])
+    if not lora:
+        start_router(model, data, seed=seed)
     if lora:
         trainer = _LoraTrainer(data_collator=_LoraCollator(tokenizer.pad_token_id), **common)
     else:
@@ -185,6 +188,14 @@ def _evaluate(model, tokenizer, suite, opts, records) -> dict:
         res["seconds"] += comp["seconds"]
     return res
 
+def _groups(records) -> dict[str, list[int]]:
+    """Record indices by their "group" field (the paraphrase suite's seen / unseen phrasings)."""
+    out = {}
+    for i, r in enumerate(records):
+        if r.get("group") is not None:
+            out.setdefault(r["group"], []).append(i)
+    return out
+
 def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_train_runs: int) -> int:
     """Steps per run that fit `budget_s` seconds of training, from two timed steps."""
     model = get_csreft_model(base, config)
@@ -253,8 +264,14 @@ class _Runner:
                 gates = route_records(model, tokenizer, eval_records, opts.eval_batch_size)
                 res["gates"] = gate_table(gates, eval_records, suite.skills)
                 res["routing"] = routing_nmi(gates, [r["skill"] for r in eval_records])
+                for group, idx in _groups(eval_records).items():
+                    res.setdefault("by_group", {}).setdefault(group, {})["routing"] = routing_nmi(
+                        gates[idx], [eval_records[i]["skill"] for i in idx])
             model.remove_hooks()
         self.base.eval()
+        for group, idx in _groups(eval_records).items():  # e.g. seen / unseen phrasings (paraphrase suite)
+            scored = [res["correct"][i] for i in idx if res["correct"][i] is not None]
+            res.setdefault("by_group", {}).setdefault(group, {})["micro_accuracy"] = sum(scored) / max(len(scored), 1)
         res["key"], res["lr"] = key, lr
         run_dir.mkdir(parents=True, exist_ok=True)  # per-example results, for tests of one's own
         saved.write_text(json.dumps(res))

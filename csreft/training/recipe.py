@@ -23,10 +23,11 @@ from .distributed import single_process_launch
 from .options import split_options
 from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, claim, fingerprint,
                      is_main_process, resolve_resume, trim_log, verify_checkpoint)
-from .trainer import CSReftTrainer, JsonlLogger, training_arguments
+from .trainer import CSReftTrainer, JsonlLogger, start_router, training_arguments
 
 # config fields that --init-adapter lets a run change: they shape no parameter
-INIT_OVERRIDABLE = ("sparsity_weight", "balance_weight", "routing_loss_weight", "gating", "threshold", "top_k")
+INIT_OVERRIDABLE = ("sparsity_weight", "balance_weight", "routing_loss_weight", "gating", "threshold", "top_k",
+                    "router_init")
 
 
 
@@ -110,6 +111,11 @@ def _build(opts: dict, options: dict, config_fields: dict, config: CSReftConfig 
             raise ValueError("--train router: this adapter has no router (use_router=False)")
         model.edits.requires_grad_(False)
     train_set = usable(SupervisedDataset(records, tokenizer, opts["max_length"], skills), opts["data"], opts)
+    if not resume:
+        clusters = start_router(model, train_set, seed=opts["seed"])
+        if clusters:
+            print(f"router started at the k-means clusters of {clusters['prompts']} training prompts: "
+                  f"sizes {clusters['cluster_sizes']}")
     eval_set = None
     if opts["eval_data"]:
         eval_set = SupervisedDataset(load_records(opts["eval_data"]), tokenizer, opts["max_length"], skills)

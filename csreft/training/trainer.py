@@ -214,6 +214,29 @@ class CSReftTrainer(OrderedTrainer):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def start_router(model, dataset, max_prompts: int = 512, seed: int = 0) -> dict | None:
+    """router_init=kmeans: start the learned router at the k-means clusters of the first
+    `max_prompts` training prompts (csreft.router.cluster_init). Runs before any engine wraps
+    the model (the base runs up to the router's layer on each prompt, no gradient). Returns
+    the cluster sizes, or None when there is nothing to do."""
+    from ..router import Router, cluster_init
+    from ..signatures import summaries_of
+
+    if model.csreft_config.router_init != "kmeans" or not isinstance(model.router, Router):
+        return None
+    examples = [dataset[i] for i in range(min(len(dataset), max_prompts))]
+    if len(examples) < model.csreft_config.num_subspaces:
+        raise ValueError(f"router_init=kmeans: {len(examples)} training prompts for "
+                         f"{model.csreft_config.num_subspaces} clusters; give more data or router_init=random")
+    training = model.training
+    model.eval()
+    try:
+        assign = cluster_init(model.router, summaries_of(model, examples, of="router"), seed=seed)
+    finally:
+        model.train(training)
+    return {"prompts": len(examples), "cluster_sizes": torch.bincount(assign, minlength=model.router.mlp[-1].out_features).tolist()}
+
+
 class JsonlLogger(TrainerCallback):
     """Appends every log record (with its step) to OUTPUT_DIR/log.jsonl on the main process."""
 
