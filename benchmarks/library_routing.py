@@ -135,6 +135,44 @@ def prefill_cost(name: str, args, repeats: int = 7) -> dict:
             "ratio": best["signatures"] / best["explicit"]}
 
 
+def grow_check(name: str, args) -> dict:
+    """Add the last skill to a library of the others (compose --library LIB --add): the old
+    skills' logits under explicit gates (bit-identical?) and their routing accuracy under
+    signature routing, before and after."""
+    from csreft.base_models import load_base
+    from csreft.comparison.runner import route_records
+    from csreft.data import encode_example, pad_batch, template_parts
+    from csreft.model import CSReftModel
+
+    suite = get_suite(name, **SIZES[name])
+    adapters = [Path(args.output_dir) / name / s / "adapter" for s in suite.skills]
+    base, tok = load_base()
+    lib_dir = Path(args.output_dir) / name / "library-without-last"
+    small = CSReftModel.from_adapters(base, adapters[:-1], routing="signatures")
+    small.save_pretrained(lib_dir, metadata=small.composition, overwrite=True)
+    small.remove_hooks()
+    small = CSReftModel.from_pretrained(base, lib_dir)
+    old = [r for r in suite.test if r["skill"] in suite.skills[:-1]]
+    before = route_records(small, tok, old, 16)
+    parts = template_parts(tok)
+    b = pad_batch([encode_example(tok, r["prompt"], parts=parts) for r in old[::max(1, len(old) // 16)][:16]],
+                  tok.pad_token_id, side="left")
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "prompt_starts")}
+    with torch.no_grad():
+        logits_before = {s: small(**inputs, skills=s).logits for s in suite.skills[:-1]}
+    small.remove_hooks()
+    grown = CSReftModel.from_adapters(base, [lib_dir, adapters[-1]], routing="signatures")
+    assert grown.skill_names == suite.skills and grown.csreft_config.routing == "signatures"
+    after = route_records(grown, tok, old, 16)
+    with torch.no_grad():
+        identical = all(torch.equal(logits_before[s], grown(**inputs, skills=s).logits) for s in suite.skills[:-1])
+    grown.remove_hooks()
+    return {"suite": name, "added": suite.skills[-1], "old_skills": suite.skills[:-1], "n_old_test": len(old),
+            "old_logits_bit_identical": identical,
+            "old_routing_accuracy_before": routing_accuracy(before, old, suite.skills[:-1]),
+            "old_routing_accuracy_after": routing_accuracy(after, old, suite.skills)}
+
+
 def table(results: list[dict]) -> str:
     lines = ["| suite | test group | routing | routing accuracy | NMI | task accuracy (%) | oracle (%) | uniform (%) |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -160,14 +198,17 @@ def main(argv=None) -> None:
     p.add_argument("--report-only", action="store_true", help="print the table of --json and stop")
     p.add_argument("--cost", default=None, metavar="SUITE", help="only measure the prefill cost of signature "
                    "routing on the finished library of SUITE (added to --json)")
+    p.add_argument("--grow", default=None, metavar="SUITES", help="only add each finished library's last skill "
+                   "to a library of the others and check the old skills (added to --json)")
     args = p.parse_args(argv)
-    if args.cost:
+    if args.cost or args.grow:
         torch.set_num_threads(1)
-        cost = prefill_cost(args.cost, args)
-        print(json.dumps(cost))
+        found = {"prefill_cost": prefill_cost(args.cost, args)} if args.cost else \
+            {"grow": [grow_check(name, args) for name in args.grow.split(",")]}
+        print(json.dumps(found))
         if args.json:
             record = json.loads(Path(args.json).read_text())
-            record["prefill_cost"] = cost
+            record.update(found)
             Path(args.json).write_text(json.dumps(record, indent=1))
         return
     if args.report_only:

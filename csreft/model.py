@@ -485,6 +485,7 @@ class CSReftModel(nn.Module):
 
     @staticmethod
     def _own(state: dict) -> dict:
+        """`state` without the signature tensors (not module state: engines neither shard nor gather them)."""
         return {k: v for k, v in state.items() if not k.startswith(SIGNATURE_PREFIX)}
 
     def _signature_state(self) -> dict[str, torch.Tensor]:
