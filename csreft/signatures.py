@@ -55,7 +55,7 @@ def fit(summaries: torch.Tensor, rank: int = RANK) -> dict[str, torch.Tensor]:
     top[: min(m, len(var))] = var[:m]
     basis = torch.zeros(d, m, dtype=x.dtype)
     basis[:, : min(m, vh.shape[0])] = vh[:m].T
-    floor = 1e-4 * float(x.var(0).mean().clamp(min=1e-12))  # a few prompts: no zero variance
+    floor = 1e-4 * max(float((x ** 2).mean()), 1e-8)  # a few (or identical) prompts: no zero variance
     residual = (var[m:].sum() / (d - m)).clamp(min=floor)
     return {"mean": mean.float(), "basis": basis.float(), "variances": top.clamp(min=float(residual)).float(),
             "residual": residual.float().reshape(()), "count": torch.tensor(float(n))}

@@ -233,3 +233,32 @@ def test_signature_routing_of_a_model_without_signatures_is_refused(tiny):
         model.route(torch.randint(3, 100, (2, 8)))
     with pytest.raises(ValueError, match="routing='signatures' is not valid: learned when use_router is false"):
         CSReftConfig(use_router=False, routing="signatures")
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_signatures_of_few_or_identical_prompts_are_finite_and_positive(n):
+    x = torch.ones(n, 16) * 3.0  # identical summaries: no spread at all
+    sig = fit(x)
+    assert all(bool(torch.isfinite(v).all()) for v in sig.values())
+    assert (sig["variances"] > 0).all() and sig["residual"] > 0
+    scores = log_likelihood(stack([sig, fit(torch.randn(n, 16))]), torch.randn(4, 16) * 1e3)
+    assert bool(torch.isfinite(scores).all())
+
+
+def test_library_gates_are_valid_for_any_scores():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.floats(-1e30, 1e30), min_size=6, max_size=6), st.integers(1, 3),
+           st.floats(1e-3, 1e3))
+    def check(values, top_k, temperature):
+        table = torch.tensor(values, dtype=torch.float32).reshape(2, 3)
+        router = LibraryRouter("prototypes", temperature, top_k)
+        router.scores = lambda *a: table  # the scores as given
+        gates, probs = router(None, None, None, None)
+        assert bool(torch.isfinite(gates).all()) and bool(torch.isfinite(probs).all())
+        assert ((gates > 0).sum(1) <= top_k).all() and ((gates > 0).sum(1) >= 1).all()
+        assert torch.allclose(gates.sum(1), torch.ones(2), atol=1e-5)
+
+    check()
