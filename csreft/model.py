@@ -389,7 +389,7 @@ class CSReftModel(nn.Module):
                            token_losses=token_losses)
         if task is not None:
             out.loss = task
-            if self.router is not None and ctx.probs is not None:
+            if isinstance(self.router, Router) and ctx.probs is not None:  # a library router learns nothing
                 cfg = self.csreft_config
                 out.sparsity_loss = sparsity_loss(ctx.probs)
                 out.balance_loss = balance_loss(ctx.probs)

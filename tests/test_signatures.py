@@ -262,3 +262,18 @@ def test_library_gates_are_valid_for_any_scores():
         assert torch.allclose(gates.sum(1), torch.ones(2), atol=1e-5)
 
     check()
+
+
+def test_a_self_routing_library_has_no_router_to_train(specialists, tiny_model_dir, tmp_path):
+    lib = tmp_path / "lib"
+    main(["compose", "--adapters", ",".join(str(specialists / s / "adapter") for s in SKILLS),
+          "--output-dir", str(lib), "--routing", "signatures"])
+    with pytest.raises(SystemExit, match="routes by signatures, which has nothing to train"):
+        main(["train", "--init-adapter", str(lib), "--train", "router", "--data", str(_data(tmp_path / "d.jsonl", SKILLS)),
+              "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "2"])
+    # the edits can still be trained under fixed signature routing; no router loss is added
+    main(["train", "--init-adapter", str(lib), "--data", str(_data(tmp_path / "e.jsonl", SKILLS)),
+          "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "edits"), "--max-steps", "2",
+          "--batch-size", "4"])
+    log = [json.loads(line) for line in (tmp_path / "edits" / "log.jsonl").read_text().splitlines()]
+    assert all(not r.get("balance_loss") for r in log if "loss" in r)

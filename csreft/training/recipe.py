@@ -109,6 +109,9 @@ def _build(opts: dict, options: dict, config_fields: dict, config: CSReftConfig 
     if opts["train"] == "router":
         if model.router is None:
             raise ValueError("--train router: this adapter has no router (use_router=False)")
+        if model.csreft_config.routing != "learned":
+            raise ValueError(f"--train router: this library routes by {model.csreft_config.routing}, which has "
+                             "nothing to train; compose it with --routing learned to train a router")
         model.edits.requires_grad_(False)
     train_set = usable(SupervisedDataset(records, tokenizer, opts["max_length"], skills), opts["data"], opts)
     if not resume:
