@@ -203,3 +203,43 @@ def test_compare_on_own_data(tmp_path, tiny_model_dir):
                                     output_dir=str(tmp_path / "out"), max_length=64, quiet=True))
     assert report["suite"].startswith("files:") and report["skills"] == ["reverse", "upper"]
     assert report["suite_info"]["sources"] == {"train": train, "test": test}
+
+
+def test_paraphrase_suite_holds_out_phrasings_and_keeps_texts_and_answers():
+    from csreft.evaluation.paraphrase import PHRASINGS
+    from csreft.evaluation.suites import paraphrase_suite
+
+    _require("classification")
+    s = paraphrase_suite(train_per_skill=30, test_per_skill=20)
+    plain = classification_suite(train_per_skill=30, test_per_skill=20)
+    assert s.skills == plain.skills and s.scoring == "label"
+    for task, (seen, unseen) in PHRASINGS.items():
+        assert len(seen) + len(unseen) >= 6 and not set(seen) & set(unseen)
+        assert any(p.startswith("{text}") or p.split("{text}")[0].count("\n") == 0 for p in unseen)
+        assert any(p.split("{text}")[1].count("?") for p in unseen)  # a question after the text
+    by_id = {r["id"]: r for r in plain.train + plain.test}
+    for r in s.train + s.test:
+        src = by_id[r["id"]]
+        assert (r["response"], r["answer"], r["choices"]) == (src["response"], src["answer"], src["choices"])
+        task = r["skill"]
+        used = PHRASINGS[task][0] if r["group"] == "seen" else PHRASINGS[task][1]
+        assert any(r["prompt"] == p.format(text=_text(src), slash="/".join(_labels(src)),
+                                           comma=", ".join(_labels(src))) for p in used)
+    assert {r["group"] for r in s.train} == {"seen"}
+    assert Counter((r["skill"], r["group"]) for r in s.test) == {(t, g): 20 for t in s.skills for g in ("seen", "unseen")}
+    assert len({r["phrasing"] for r in s.train if r["skill"] == "sst2"}) == 5
+    assert {r["phrasing"] for r in s.test if r["group"] == "unseen"} == {5, 6, 7}
+    only = paraphrase_suite(train_per_skill=0, test_per_skill=20, test_phrasings="unseen")
+    assert only.name == "paraphrase-unseen" and {r["group"] for r in only.test} == {"unseen"}
+    with pytest.raises(ValueError, match="test_phrasings='some': expected both, unseen or seen"):
+        paraphrase_suite(test_phrasings="some")
+
+
+def _text(record):
+    from csreft.evaluation.paraphrase import source_text
+
+    return source_text(record["skill"], record["prompt"])
+
+
+def _labels(record):
+    return [c.rsplit(" ", 1)[-1] for c in record["choices"]]
