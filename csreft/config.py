@@ -18,7 +18,7 @@ INTERVENTIONS = ("loreft", "direft")
 ROUTER_INPUTS = ("mean", "first", "last", "head", "attention")
 GATINGS = ("soft", "hard", "topk", "anneal")
 ROUTINGS = ("learned", "signatures", "prototypes")  # csreft.signatures
-ROUTER_INITS = ("random", "kmeans")
+ROUTER_INITS = ("random", "kmeans", "kmeans-fixed")
 _POSITIONS_RE = re.compile(r"^(?:all|f\d+|l\d+|f\d+\+l\d+)$")
 
 
@@ -100,9 +100,9 @@ class CSReftConfig:
     routing_loss_weight: float = field(default=1.0, metadata={
         "help": "weight of the supervised routing loss, BCE(gates, one-hot skill), when skills are given"})
     router_init: str = field(default="random", metadata={
-        "help": "how training starts the router: random (nn.Linear's initialisation), or kmeans: at the "
-                "k-means clusters of the training prompts' summaries (whitened), so that the balance term "
-                "starts from separated skills", "choices": ROUTER_INITS})
+        "help": "how training starts the router: random (nn.Linear's initialisation); kmeans: at the "
+                "k-means clusters of the training prompts' summaries (whitened), then trained as usual; "
+                "kmeans-fixed: at those clusters, and kept there (only the edits train)", "choices": ROUTER_INITS})
     routing: str = field(default="learned", metadata={
         "help": "what gates the edits: the learned router; or, for a skill library, no training: "
                 "signatures (each skill's stored prompt statistics) or prototypes (each edit's own "

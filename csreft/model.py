@@ -166,6 +166,8 @@ class CSReftModel(nn.Module):
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ValueError(f"router_hidden={config.router_width(d)}: a router of that width cannot be "
                                  f"allocated ({first[:160]}); a few hundred is plenty") from None
+        if isinstance(self.router, Router) and config.router_init == "kmeans-fixed":
+            self.router.requires_grad_(False)  # set from the prompts' clusters before training, then kept
         # a router above the first edited layer reads it in a first, unedited pass
         self._route_first = config.use_router and router_layer > config.layers[0]
         self._ctx: _Context | None = None
@@ -459,7 +461,7 @@ class CSReftModel(nn.Module):
     def trainable_parameters(self) -> dict:
         """Counts of trainable numbers: edits, router, total, and percent of the base model."""
         edits = sum(numel(p) for p in self.edits.parameters() if p.requires_grad)  # frozen: --train router
-        router = sum(numel(p) for p in self.router.parameters()) if self.router is not None else 0
+        router = sum(numel(p) for p in self.router.parameters() if p.requires_grad) if self.router is not None else 0
         base = sum(numel(p) for p in self.base_model.parameters())  # whole sizes under ZeRO-3 too
         return {
             "edits": edits,

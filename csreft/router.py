@@ -222,7 +222,10 @@ def cluster_init(router: Router, summaries: torch.Tensor, dims: int | None = Non
     assign = kmeans(whiten(F.layer_norm(summaries.double(), summaries.shape[-1:]), dims or 2 * k), k, seed=seed)
     summaries = summaries.to(router.mlp[0].weight.dtype)
     target = F.one_hot(assign, k).to(summaries.dtype)
-    params = [p for p in router.mlp.parameters()]
+    params = list(router.mlp.parameters())
+    frozen = [p for p in params if not p.requires_grad]  # router_init=kmeans-fixed: set here, kept after
+    for p in frozen:
+        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
@@ -231,4 +234,7 @@ def cluster_init(router: Router, summaries: torch.Tensor, dims: int | None = Non
             opt.zero_grad()
             loss.backward()
             opt.step()
+    for p in frozen:
+        p.grad = None
+        p.requires_grad_(False)
     return assign

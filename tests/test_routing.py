@@ -260,3 +260,26 @@ def test_router_init_kmeans_in_a_training_run(tmp_path, tiny_model_dir):
     assert saved["csreft_config"]["router_init"] == "kmeans"
     with pytest.raises(ValueError, match="router_init='bad' is not valid: one of random, kmeans"):
         CSReftConfig(router_init="bad")
+
+
+def test_router_init_kmeans_fixed_keeps_the_clustered_router_through_training(tmp_path, tiny_model_dir):
+    import json
+
+    from safetensors.torch import load_file
+
+    from csreft.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{p} {w}", "response": w, "skill": p}) + "\n"
+                            for p in ("reverse it:", "double it:") for w in ["abc", "dog", "cat", "sun"]))
+    common = ["--data", str(data), "--model", str(tiny_model_dir), "--num-subspaces", "2", "--layers", "1,2",
+              "--rank", "2", "--positions", "f3+l3", "--batch-size", "4", "--router-input", "mean",
+              "--router-init", "kmeans-fixed", "--lr", "1e-2"]
+    main(["train", *common, "--output-dir", str(tmp_path / "a"), "--max-steps", "1"])
+    main(["train", *common, "--output-dir", str(tmp_path / "b"), "--max-steps", "4"])
+    a, b = (load_file(tmp_path / r / "adapter" / "csreft_model.safetensors") for r in "ab")
+    router = [k for k in a if k.startswith("router.")]
+    assert router and all(torch.equal(a[k], b[k]) for k in router)  # set before step 1, never moved
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("edits."))
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["router_parameters"] == 0 and summary["edit_parameters"] > 0

@@ -222,7 +222,7 @@ def start_router(model, dataset, max_prompts: int = 512, seed: int = 0) -> dict 
     from ..router import Router, cluster_init
     from ..signatures import summaries_of
 
-    if model.csreft_config.router_init != "kmeans" or not isinstance(model.router, Router):
+    if not model.csreft_config.router_init.startswith("kmeans") or not isinstance(model.router, Router):
         return None
     examples = [dataset[i] for i in range(min(len(dataset), max_prompts))]
     if len(examples) < model.csreft_config.num_subspaces:
