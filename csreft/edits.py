@@ -90,12 +90,28 @@ class SubspaceEdits(nn.Module):
         Computed in the parameters' dtype (float32 by default; under autocast too, as for a
         bf16 base with --bf16), returned in h's dtype.
         """
+        if self.reflectors.dim() == 3:
+            return self._delta_each(h, gates)
         q = self.stacked_basis()
         with _full_precision(q):
             w = self.weight - q.T if self.subtract_projection else self.weight
             coords = self.dropout(F.linear(h.to(q.dtype), w, self.bias))  # (..., k*r)
             coords = coords.unflatten(-1, (self.num_subspaces, self.rank)) * gates.to(q.dtype)[..., None]
             return F.linear(coords.flatten(-2), q).to(h.dtype)
+
+    def _delta_each(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """delta() for independent bases (a skill library): each subspace's edit by a matmul of
+        its own, then the gated sum, so that a subspace's output does not depend on how many
+        others there are (a skill added to a library leaves the others' outputs bit-identical)."""
+        k, r, d = self.num_subspaces, self.rank, self.hidden_size
+        with _full_precision(self.reflectors):
+            q = self.basis()  # (k, d, r)
+            w = self.weight.view(k, r, d)
+            w = w - q.mT if self.subtract_projection else w
+            x = h.to(q.dtype).reshape(-1, d)
+            coords = self.dropout(torch.matmul(x, w.mT) + self.bias.view(k, 1, r))  # (k, N, r)
+            coords = coords * gates.to(q.dtype).expand(*h.shape[:-1], k).reshape(-1, k).T[..., None]
+            return torch.matmul(coords, q.mT).sum(0).reshape(h.shape).to(h.dtype)
 
     def forward(self, h: torch.Tensor, gates: torch.Tensor, delta_only: bool = False) -> torch.Tensor:
         """h + delta(h, gates), or the delta alone. The model's hooks call the module (not

@@ -123,3 +123,23 @@ def test_fresh_edit_is_identity_and_zero_gate_is_identity():
         edit.weight.normal_()
     assert not torch.allclose(edit(h, torch.ones(6, 2)), h, atol=1e-3)
     torch.testing.assert_close(edit(h, torch.zeros(6, 2)), h)
+
+
+@pytest.mark.parametrize("loreft", [True, False])
+def test_independent_subspaces_do_not_depend_on_how_many_others_there_are(loreft):
+    """A skill library grows by adding subspaces: an old subspace's output, alone under its
+    gate, must stay bit-identical (at a real hidden size, where matmul blocking differs)."""
+    torch.manual_seed(0)
+    d, r = 576, 4
+    small = SubspaceEdits(d, r, 2, "loreft" if loreft else "direft", orthogonal_subspaces=False)
+    big = SubspaceEdits(d, r, 3, "loreft" if loreft else "direft", orthogonal_subspaces=False)
+    with torch.no_grad():
+        small.weight.normal_(), small.bias.normal_()
+        big.set_basis(torch.cat([small.basis(), torch.nn.init.orthogonal_(torch.empty(1, d, r))]))
+        big.weight.copy_(torch.cat([small.weight, torch.randn(r, d)]))
+        big.bias.copy_(torch.cat([small.bias, torch.randn(r)]))
+    h = torch.randn(8, 28, d)
+    for j in range(2):
+        gates = torch.zeros(8, 28, 2)
+        gates[..., j] = 1.0
+        assert torch.equal(small(h, gates), big(h, torch.cat([gates, torch.zeros(8, 28, 1)], -1)))
