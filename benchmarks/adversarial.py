@@ -139,6 +139,14 @@ def cases(p: Pass):
     p.case("compose", "a file as adapter", ["compose", "--adapters", w / "afile", "--output-dir", lib, *B],
            "afile: not a csreft adapter directory")
     p.case("compose", "no adapters", ["compose", "--adapters", ",", "--output-dir", lib, *B], "at least one adapter")
+    p.case("compose", "--add without --library", ["compose", "--add", f"{w}/sort", "--output-dir", lib, *B],
+           "--add needs --library")
+    p.case("compose", "calibration file not JSON", ["compose", "--adapters", f"{w}/sort,{w}/upper",
+           "--output-dir", lib, *B, "--routing", "signatures", "--calibration", w / "afile"],
+           "afile: invalid JSON at line 1")
+    p.case("compose", "signature routing of adapters without signatures", ["compose", "--adapters",
+           f"{w}/sort,{w}/upper", "--output-dir", lib, *B, "--routing", "signatures"],
+           "has no signatures.*--calibration")
     p.case("compose", "same adapter twice", ["compose", "--adapters", f"{w}/sort,{w}/sort", "--output-dir", lib, *B],
            "holds the input adapter|skill name 'sort' is in both")
     p.case("compose", "output holds other files", ["compose", "--adapters", f"{w}/sort,{w}/upper", "--output-dir",

@@ -37,7 +37,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
     elif added:
         raise SystemExit("csreft compose: --add needs --library LIB, the composed library to add the skills to")
     if not dirs:
-        raise SystemExit("csreft compose: give --adapters DIR,DIR or --library LIB --add DIR")
+        raise SystemExit("csreft compose: give at least one adapter: --adapters DIR,DIR, or --library LIB --add DIR")
     out = Path(os.path.realpath(args.output_dir))
     for d in dirs:
         if not adapter_files(d)[0].is_file():
