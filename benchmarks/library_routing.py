@@ -107,10 +107,12 @@ def study(name: str, args) -> dict:
     return result
 
 
-def prefill_cost(name: str, args, repeats: int = 7) -> dict:
+def prefill_cost(name: str, args, repeats: int = 8) -> dict:
     """Prefill time of the library with signature routing over the same library with explicit
-    gates (no routing at all), batch 16 of the suite's test prompts; best of `repeats`,
-    alternated, in one process."""
+    gates (no routing at all), batch 16 of the suite's test prompts, one thread: best of
+    `repeats`, the order alternated (the second of two calls is often faster); and the library
+    router's own time on that batch's hidden states (what routing adds, without the noise of
+    two full passes)."""
     from csreft.base_models import load_base
     from csreft.data import encode_example, pad_batch, template_parts
     from csreft.model import CSReftModel
@@ -125,14 +127,22 @@ def prefill_cost(name: str, args, repeats: int = 7) -> dict:
     gates = model.route(*inputs.values())
     times = {"signatures": [], "explicit": []}
     with torch.no_grad():
-        for _ in range(repeats):
-            for kind in times:
+        for i in range(repeats):
+            for kind in (("signatures", "explicit") if i % 2 == 0 else ("explicit", "signatures")):
                 t = time.perf_counter()
                 model(**inputs, **({"gates": gates} if kind == "explicit" else {}))
                 times[kind].append(time.perf_counter() - t)
+        hidden = torch.randn(*b["input_ids"].shape, base.config.hidden_size)
+        starts, ends = torch.zeros(16, dtype=torch.long), torch.full((16,), b["input_ids"].shape[1])
+        router_s = []
+        for _ in range(20):
+            t = time.perf_counter()
+            model.router(hidden, starts, ends, model.routing_table())
+            router_s.append(time.perf_counter() - t)
     best = {k: min(v) for k, v in times.items()}
     return {"suite": name, "batch": list(b["input_ids"].shape), "seconds": best,
-            "ratio": best["signatures"] / best["explicit"]}
+            "ratio": best["signatures"] / best["explicit"], "router_seconds": min(router_s),
+            "router_share_of_prefill": min(router_s) / best["explicit"]}
 
 
 def grow_check(name: str, args) -> dict:
