@@ -157,8 +157,15 @@ def test_growing_a_library_keeps_every_old_skill_bit_identical(specialists, tiny
     top_old = old.route(*inputs.values())[:n].argmax(1)
     top_new = new.route(*inputs.values())[:n].argmax(1)
     assert torch.equal(top_old, top_new)
-    # in place: the library itself is replaced, atomically, by the grown one
-    main(["compose", "--library", str(lib), "--add", str(specialists / "upper" / "adapter"), "--output-dir", str(lib)])
+    # in place: the library itself is replaced, atomically, by the grown one; a user's file in
+    # it is never deleted silently
+    grow = ["compose", "--library", str(lib), "--add", str(specialists / "upper" / "adapter"), "--output-dir", str(lib)]
+    (lib / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="notes.txt"):
+        main(grow)
+    assert (lib / "notes.txt").read_text() == "mine" and _load(tiny_model_dir, lib).skill_names == ["reverse", "double"]
+    (lib / "notes.txt").unlink()
+    main(grow)
     assert _load(tiny_model_dir, lib).skill_names == ["reverse", "double", "upper"]
 
 

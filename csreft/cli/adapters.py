@@ -55,13 +55,12 @@ def cmd_compose(args: argparse.Namespace) -> None:
     if args.library and options.get("routing", "learned") == "learned" and args.router:
         print("note: a learned router cannot take new skills: the grown library gets a fresh router "
               "(train it with --train router, or compose with --routing signatures)")
-    check_replaceable(args.output_dir, args.overwrite or out == Path(os.path.realpath(args.library or "")))
+    check_replaceable(args.output_dir, args.overwrite)  # a library grown in place: an adapter folder, replaceable
     base, tokenizer = load_base(args.model or adapter_base(dirs[0]), tokenizer=bool(args.calibration))
     calibration = _calibration(args.calibration, tokenizer) if args.calibration else None
     model = CSReftModel.from_adapters(base, dirs, router=args.router, seed=args.seed, calibration=calibration,
                                       **options)
-    model.save_pretrained(args.output_dir, metadata=model.composition,
-                          overwrite=args.overwrite or out == Path(os.path.realpath(args.library or "")))
+    model.save_pretrained(args.output_dir, metadata=model.composition, overwrite=args.overwrite)
     c = model.csreft_config
     print(f"composed {len(dirs)} adapters into {args.output_dir}: {c.num_subspaces} subspaces "
           f"at layers {c.layers}, rank {c.rank}")
