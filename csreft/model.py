@@ -256,14 +256,20 @@ class CSReftModel(nn.Module):
         reads (Router.summarise); runs the base only up to that layer."""
         if of not in ("signature", "router") or (of == "router" and not isinstance(self.router, Router)):
             raise ValueError(f"of={of!r}: 'signature', or 'router' for a model with a learned router")
-        self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
-        self._ctx.summary_only = of
+        ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
+        ctx.summary_only = of
+        return self._up_to_router(ctx, input_ids, attention_mask).summary
+
+    def _up_to_router(self, ctx, input_ids, attention_mask) -> _Context:
+        """Run the base on `ctx` (route_only) until the router's hook stops it; returns ctx."""
+        self._ctx = ctx
         try:
             self.base_model(input_ids=input_ids, attention_mask=attention_mask)
         except _StopForward:
             pass
-        ctx, self._ctx = self._ctx, None
-        return ctx.summary
+        finally:
+            self._ctx = None
+        return ctx
 
     def _route_before(self, ctx, input_ids, attention_mask) -> None:
         """Fill ctx.gates from a first pass of the base (no edits, no gradient through the
@@ -424,13 +430,8 @@ class CSReftModel(nn.Module):
         explicit = self._explicit_gates(gates, skills, input_ids)
         if explicit is not None:
             return explicit
-        self._ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
-        try:
-            self.base_model(input_ids=input_ids, attention_mask=attention_mask)
-        except _StopForward:
-            pass
-        ctx, self._ctx = self._ctx, None
-        return ctx.gates
+        ctx = self._context(input_ids, attention_mask, prompt_starts, prompt_lengths, None, route_only=True)
+        return self._up_to_router(ctx, input_ids, attention_mask).gates
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, prompt_starts=None, gates=None, skills=None,
@@ -483,12 +484,7 @@ class CSReftModel(nn.Module):
         training=True: the tensors training moves instead (reflectors and anchor), which a
         checkpoint needs to resume bit for bit (see csreft.integrity)."""
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("base_model.")}
-        return {**(state if training else basis_form(state)), **self._signature_state()}
-
-    @staticmethod
-    def _own(state: dict) -> dict:
-        """`state` without the signature tensors (not module state: engines neither shard nor gather them)."""
-        return {k: v for k, v in state.items() if not k.startswith(SIGNATURE_PREFIX)}
+        return state if training else basis_form(state)
 
     def _signature_state(self) -> dict[str, torch.Tensor]:
         table = self.signature_table or {}
@@ -529,7 +525,8 @@ class CSReftModel(nn.Module):
         """Write the adapter files into an existing directory (not atomic by itself); the
         config records the sha256 of the weights file. `state` in either form (default: this
         model's); written in basis form, or as is with training=True (a checkpoint)."""
-        state = self.adapter_state_dict(training=True) if state is None else {**state, **self._signature_state()}
+        # signatures are not module state (engines neither shard nor gather them): added here
+        state = {**(self.adapter_state_dict(training=True) if state is None else state), **self._signature_state()}
         state = {k: v.detach().cpu().contiguous() for k, v in (state if training else basis_form(state)).items()}
         meta = {
             "csreft_config": self.csreft_config.to_dict(),
@@ -557,10 +554,10 @@ class CSReftModel(nn.Module):
         elif self.csreft_config.routing == "signatures":
             raise ValueError(f"{weights}: routing=signatures, but the file holds no signature tensors")
         if is_training_form(state):  # a checkpoint: loaded as is, so a resume continues exactly
-            check_against(state, self._own(self.adapter_state_dict(training=True)), weights)
+            check_against(state, self.adapter_state_dict(training=True), weights)
         else:
             state = basis_form(state)  # format 1's bases, read as Q
-            check_against(state, self._own(self.adapter_state_dict()), weights)
+            check_against(state, self.adapter_state_dict(), weights)
             check_orthonormal(state, weights)
         self.load_state_dict(state, strict=False)  # Q becomes the edit's anchor, exactly
         if table:

@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def span_mask(seq_len: int, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(B, seq_len) bool: position t of row b is in the prompt span [starts[b], ends[b])."""
+    pos = torch.arange(seq_len, device=starts.device)
+    return (pos >= starts[:, None]) & (pos < ends[:, None])
+
+
 class _StraightThroughThreshold(torch.autograd.Function):
     """Forward: exact 0/1 = 1[p >= threshold]. Backward: the identity (straight-through)."""
 
@@ -80,10 +86,9 @@ class Router(nn.Module):
             return hidden[b, starts]
         if self.router_input == "last":
             return hidden[b, ends - 1]
-        pos = torch.arange(hidden.shape[1], device=hidden.device)
         if self.router_input == "head":
             ends = torch.minimum(ends, starts + self.head)
-        span = (pos >= starts[:, None]) & (pos < ends[:, None])  # (B, L)
+        span = span_mask(hidden.shape[1], starts, ends)  # (B, L)
         if self.router_input == "attention":
             h = hidden.to(self.query.dtype)
             scores = F.layer_norm(h, h.shape[-1:]) @ self.query / math.sqrt(h.shape[-1])

@@ -28,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ROUTINGS
+from .router import span_mask
+
 RANK = 8  # principal directions per signature
-ROUTINGS = ("learned", "signatures", "prototypes")
 KEYS = ("mean", "basis", "variances", "residual", "count")
 
 
 def prompt_summary(hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """(B, d) float32: the layer-normalised mean of hidden (B, L, d) over [starts, ends)."""
-    pos = torch.arange(hidden.shape[1], device=hidden.device)
-    span = ((pos >= starts[:, None]) & (pos < ends[:, None])).to(torch.float32)
+    span = span_mask(hidden.shape[1], starts, ends).to(torch.float32)
     mean = (hidden.float() * span[..., None]).sum(1) / span.sum(1, keepdim=True).clamp(min=1)
     return F.layer_norm(mean, mean.shape[-1:])
 
@@ -124,8 +125,7 @@ class LibraryRouter(nn.Module):
         if self.routing == "signatures":
             return log_likelihood({k: v.to(hidden.device) for k, v in table.items()},
                                   prompt_summary(hidden, starts, ends))
-        pos = torch.arange(hidden.shape[1], device=hidden.device)
-        span = ((pos >= starts[:, None]) & (pos < ends[:, None])).to(torch.float32)  # (B, L)
+        span = span_mask(hidden.shape[1], starts, ends).to(torch.float32)  # (B, L)
         n = span.sum(1, keepdim=True).clamp(min=1)
         h = F.layer_norm(hidden.float(), hidden.shape[-1:])
         return (torch.einsum("bld,kd->blk", h, table.to(h.device)).abs() * span[..., None]).sum(1) / n

@@ -63,7 +63,7 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     params = [p for name, p in model.named_parameters() if not name.startswith("base_model.")]
     with gathered(params):
-        return {k: _whole(v) for k, v in model._own(model.adapter_state_dict(training=True)).items()}
+        return {k: _whole(v) for k, v in model.adapter_state_dict(training=True).items()}
 
 
 def adapter_part(state_dict: dict, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,8 +87,7 @@ def _adapter_shapes(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensor name -> the parameter or buffer it comes from."""
     named = dict(model.named_parameters())
     named.update(dict(model.named_buffers()))
-    # signatures are not module state: write_adapter adds them to what the engine gathered
-    return {k: named.get(k, v) for k, v in model._own(model.adapter_state_dict(training=True)).items()}
+    return {k: named.get(k, v) for k, v in model.adapter_state_dict(training=True).items()}
 
 
 def zero_stage(trainer) -> int | None:
