@@ -217,3 +217,48 @@ def test_report_only_uses_finished_runs_and_trains_nothing(tuned, monkeypatch, t
     assert "lora" not in again["methods"] and again["methods"]["csreft"] == r["methods"]["csreft"]
     with pytest.raises(ValueError, match="no finished run"):
         compare(dataclasses.replace(opts, output_dir=str(tmp_path / "empty"), report_only=True))
+
+
+def test_plateau_reads_the_last_quarter_of_a_curve():
+    from csreft.comparison.report import mean_curve, plateau
+
+    def curve(*acc, every=10):
+        return [{"step": every * i, "accuracy": a} for i, a in enumerate(acc)]
+
+    rising = plateau(curve(0.2, 0.4, 0.5, 0.6, 0.7))  # last quarter: 30 -> 40, +10 points
+    assert not rising["plateaued"] and rising["gain_last_quarter"] == pytest.approx(0.1) and rising["step"] == 40
+    flat = plateau(curve(0.2, 0.6, 0.7, 0.705, 0.70))
+    assert flat["plateaued"] and flat["step"] == 20 and flat["best"] == 0.705 and flat["final"] == 0.70
+    assert plateau(curve(0.5, 0.3, 0.2, 0.1, 0.1))["step"] == 0  # nothing later beats the start
+    a, b = curve(0.2, 0.4, 0.6), curve(0.4, 0.6, 0.8, 0.9)
+    assert mean_curve([a, b]) == [{"step": s, "accuracy": pytest.approx(v)} for s, v in ((0, 0.3), (10, 0.5), (20, 0.7))]
+
+
+def test_eval_every_must_be_positive_and_needs_validation():
+    with pytest.raises(ValueError, match="--eval-every 0 is not valid"):
+        CompareOptions(eval_every=0)
+    with pytest.raises(ValueError, match="--eval-every needs validation records"):
+        CompareOptions(eval_every=5, val_per_skill=0)
+
+
+def test_learning_curves_are_scored_on_validation_and_end_at_the_run(tmp_path, tiny_model_dir):
+    out = tmp_path / "curves"
+    opts = CompareOptions(suite="builtin", seeds=1, max_steps=5, eval_every=2, batch_size=4, lr=3e-2,
+                          eval_split="validation", val_per_skill=2, methods="base,loreft,csreft,lora",
+                          rank=2, layers=[1, 2], positions="f2+l2", router_hidden=16, train_per_skill=6,
+                          test_per_skill=1, composed=0, eval_batch_size=8, model=str(tiny_model_dir),
+                          output_dir=str(out), max_length=64, quiet=True)
+    r = compare(opts)
+    for name in ("loreft", "csreft", "lora"):
+        m = r["methods"][name]
+        assert [p["step"] for p in m["curve"]] == [0, 2, 4, 5]
+        # the last point is the trained model on the same validation records the run is scored on
+        assert m["curve"][-1]["accuracy"] == pytest.approx(m["accuracy"]["mean"])
+        assert m["plateau"]["final"] == m["curve"][-1]["accuracy"]
+    # LoReFT starts as the identity (W = R, b = 0): its step-0 point is the frozen base
+    assert r["methods"]["loreft"]["curve"][0]["accuracy"] == pytest.approx(r["methods"]["base"]["accuracy"]["mean"])
+    assert "curve" not in r["methods"]["base"]
+    assert (out / "curves.png").stat().st_size > 1000
+    assert "Learning curves" in (out / "report.md").read_text()
+    saved = json.loads((out / "runs" / "loreft-seed0" / "result.json").read_text())
+    assert saved["key"]["eval_every"] == 2 and len(saved["curve"]) == 4

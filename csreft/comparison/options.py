@@ -51,6 +51,9 @@ class CompareOptions:
     train_per_skill: int | None = _opt(100, "training records per skill (validation is carved from them)")
     test_per_skill: int | None = _opt(50, "test records per skill")
     composed: int = _opt(60, "held-out two-skill prompts of the builtin suite")
+    eval_every: int | None = _opt(None, "learning curves: score each final run on the validation split before "
+                                  "training, every N steps and at the end (not the specialists); the report "
+                                  "plots them and says where each method plateaus")
     eval_batch_size: int = _opt(16, "evaluation batch size")
     model: str | None = _opt(None, "the base model: Hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
     output_dir: str = _opt("runs/compare", "where runs, report.json, report.md and gate heatmaps go")
@@ -73,7 +76,7 @@ class CompareOptions:
         for name in ("seeds", "batch_size", "eval_batch_size", "rank", "max_length"):
             self._at_least(name, 1)
         for name in ("max_steps", "specialist_batch_size", "select_steps", "num_subspaces", "train_per_skill",
-                     "test_per_skill"):
+                     "test_per_skill", "eval_every"):
             if getattr(self, name) is not None:
                 self._at_least(name, 1)
         for name in ("val_per_skill", "composed"):
@@ -82,6 +85,8 @@ class CompareOptions:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} {value!r} is not valid: a number > 0")
+        if self.eval_every is not None and self.val_per_skill < 1:
+            raise ValueError("--eval-every needs validation records: --val-per-skill must be >= 1")
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"--eval-split {self.eval_split!r} is not valid: one of {', '.join(EVAL_SPLITS)}")
 

@@ -37,8 +37,53 @@ def plot_gates(matrix, skills, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+PLATEAU_GAIN = 0.01  # plateaued: less than 1 point of validation accuracy gained over the last quarter
+
+
+def plateau(curve: list[dict]) -> dict:
+    """Where a learning curve [{"step", "accuracy"}, ...] levels off. gain_last_quarter: the last
+    point's accuracy minus that of the last point at or before 3/4 of the steps; plateaued:
+    that gain < PLATEAU_GAIN; step: the first point that no later point beats by PLATEAU_GAIN."""
+    steps, acc = [p["step"] for p in curve], [p["accuracy"] for p in curve]
+    quarter = max(i for i, s in enumerate(steps) if s <= 0.75 * steps[-1])
+    gain = acc[-1] - acc[quarter]
+    first = next(i for i in range(len(acc)) if max(acc[i:]) - acc[i] < PLATEAU_GAIN)
+    return {"gain_last_quarter": gain, "plateaued": gain < PLATEAU_GAIN, "step": steps[first],
+            "final": acc[-1], "best": max(acc)}
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The seeds' mean accuracy at the steps every curve has."""
+    common = sorted(set.intersection(*(set(p["step"] for p in c) for c in curves)))
+    at = [{p["step"]: p["accuracy"] for p in c} for c in curves]
+    return [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common]
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, curve in curves.items():
+        ax.plot([p["step"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", ms=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(out: Path, suite, runs, *args) -> dict:
     report = build_report(suite, {m: r for m, r in runs.items() if r}, *args)
+    curves = {label: m["curve"] for label, m in report["methods"].items() if m.get("curve")}
+    if curves:
+        plot_curves(curves, out / "curves.png", f"{suite.name}: validation accuracy while training "
+                                                f"(mean of {len(report['seeds'])} seed(s))")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report))
     return report
@@ -105,6 +150,10 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
             "lora_rank": results[0].get("lora_rank"),
             "examples_per_skill": [r["examples_per_skill"] for r in results if "examples_per_skill" in r],
         }
+        curves = [r["curve"] for r in results if r.get("curve")]
+        if curves:
+            methods[label]["curve"] = mean_curve(curves)
+            methods[label]["plateau"] = plateau(methods[label]["curve"])
     interference = {}
     spec = next((m for m in methods.values() if m["kind"] == "specialists"), None)
     if spec:
@@ -198,6 +247,18 @@ def render_markdown(r: dict) -> str:
                 cells += [_fmt(v.get("micro_accuracy", {}).get("mean")),
                           _fmt(v.get("routing_nmi", {}).get("mean"), None, False)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    curved = {n: m for n, m in r["methods"].items() if m.get("curve")}
+    if curved:
+        lines += ["", f"Learning curves (validation accuracy in %, mean over seeds; curves.png). Plateaued: less "
+                  f"than {100 * PLATEAU_GAIN:g} point gained over the last quarter of the steps; plateau step: the "
+                  f"first point no later one beats by {100 * PLATEAU_GAIN:g} point.", "",
+                  "| method | steps | start | best | final | gain, last quarter | plateaued | plateau step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in curved.items():
+            p = m["plateau"]
+            lines.append(f"| {name} | {m['curve'][-1]['step']} | {_fmt(m['curve'][0]['accuracy'])} | {_fmt(p['best'])} | "
+                         f"{_fmt(p['final'])} | {100 * p['gain_last_quarter']:+.1f} | {'yes' if p['plateaued'] else 'no'} | "
+                         f"{p['step']} |")
     if r["interference"]:
         lines += ["", "Interference = specialist accuracy - joint accuracy (points; positive = the joint "
                   "run lost accuracy to sharing).", "",

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 from transformers import set_seed
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..config import CSReftConfig
 from ..data import Collator, SupervisedDataset, encode_example, pad_batch, template_parts
@@ -99,16 +99,37 @@ class Stages:
             per = seconds / steps
             self.step_s = per if self.step_s is None else 0.5 * (self.step_s + per)
 
+class _Curve(TrainerCallback):
+    """A learning curve: `score()` (validation accuracy) before the first step, every `every`
+    steps and after the last; `seconds` is the time spent scoring (not training)."""
+
+    def __init__(self, every: int, score) -> None:
+        self.every, self.score, self.points, self.seconds = every, score, [], 0.0
+
+    def _add(self, step: int) -> None:
+        t = time.time()
+        self.points.append({"step": step, "accuracy": self.score()})
+        self.seconds += time.time() - t
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._add(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._add(state.global_step)
+
+
 def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: Path, lr: float,
-           skills=None, supervised=False, lora=False, batch_size: int | None = None) -> float:
-    """Train on `records` in their order, one pass; returns wall seconds."""
+           skills=None, supervised=False, lora=False, batch_size: int | None = None, curve: _Curve | None = None) -> float:
+    """Train on `records` in their order, one pass; returns wall seconds (without the curve's
+    scoring)."""
     data = SupervisedDataset(records, tokenizer, opts.max_length, skills)
     batch_size = batch_size or opts.batch_size
     steps = math.ceil(len(data) / batch_size)
     args = training_arguments({**DEFAULTS, "output_dir": str(out_dir), "batch_size": batch_size,
                                "lr": lr, "seed": seed, "max_steps": steps, "logging_steps": min(10, steps)})
     common = dict(model=model, args=args, train_dataset=data, shuffle=False,
-                  callbacks=[JsonlLogger(out_dir / "log.jsonl")])
+                  callbacks=[JsonlLogger(out_dir / "log.jsonl"), *([curve] if curve else [])])
     if not lora:
         start_router(model, data, seed=seed)
     if lora:
@@ -120,7 +141,7 @@ def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: 
     started = time.time()
     trainer.train()
     model.eval()
-    return time.time() - started
+    return time.time() - started - (curve.seconds if curve else 0.0)
 
 class _LoraCollator(Collator):
     def __call__(self, examples):
@@ -218,14 +239,29 @@ def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_tr
 class _Runner:
     """Trains and scores one method at one learning rate and seed; reuses identical runs."""
 
-    def __init__(self, base, tokenizer, suite, opts, configs, stages):
+    def __init__(self, base, tokenizer, suite, opts, configs, stages, val):
         self.base, self.tokenizer, self.suite, self.opts = base, tokenizer, suite, opts
-        self.configs, self.stages, self.params = configs, stages, {}
+        self.configs, self.stages, self.params, self.val = configs, stages, {}, val
+
+    def curve(self, model, wanted: bool) -> _Curve | None:
+        """--eval-every: the run's learning curve on the validation records."""
+        if not (wanted and self.opts.eval_every):
+            return None
+
+        def score() -> float:
+            model.eval()
+            try:
+                return evaluate_suite(model, self.tokenizer, self.suite, "test", records=self.val,
+                                      batch_size=self.opts.eval_batch_size)["accuracy"]
+            finally:
+                model.train()
+
+        return _Curve(self.opts.eval_every, score)
 
     def config(self, method: Method) -> CSReftConfig:
         return self.configs["loreft" if method.kind in ("loreft", "specialists") else method.label]
 
-    def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict) -> dict:
+    def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict, curve: bool = False) -> dict:
         saved = run_dir / "result.json"
         if saved.is_file():
             old = json.loads(saved.read_text())
@@ -249,17 +285,23 @@ class _Runner:
             model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                     target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            train_s = _train(model, tokenizer, stream, opts, seed, run_dir, lr, lora=True)
+            points = self.curve(model, curve)
+            train_s = _train(model, tokenizer, stream, opts, seed, run_dir, lr, lora=True, curve=points)
             res = {**_evaluate(model, tokenizer, suite, opts, eval_records), "train_seconds": train_s,
                    "lora_rank": rank, "parameters": n}
+            if points:
+                res["curve"] = points.points
             self.base = model.unload()
         else:
             model = get_csreft_model(base, self.config(method))
             counts = model.trainable_parameters()
             supervised = method.kind == "csreft_supervised"
-            train_s = _train(model, tokenizer, stream, opts, seed, run_dir, lr, suite.skills, supervised)
+            points = self.curve(model, curve)
+            train_s = _train(model, tokenizer, stream, opts, seed, run_dir, lr, suite.skills, supervised, curve=points)
             res = {**_evaluate(model, tokenizer, suite, opts, eval_records), "train_seconds": train_s,
                    "parameters": counts["total"], "edit_parameters": counts["edits"]}
+            if points:
+                res["curve"] = points.points
             if model.router is not None:
                 gates = route_records(model, tokenizer, eval_records, opts.eval_batch_size)
                 res["gates"] = gate_table(gates, eval_records, suite.skills)
@@ -342,7 +384,7 @@ def compare(opts: CompareOptions) -> dict:
     total = (n_select * select_steps
              + opts.seeds * len(trained) * max_steps + opts.seeds * sum(m.kind == "specialists" for m in trained) * max_steps)
     stages = Stages(total, opts.quiet)
-    runner = _Runner(base, tokenizer, suite, opts, configs, stages)
+    runner = _Runner(base, tokenizer, suite, opts, configs, stages, val)
     shared_key = {"suite": opts.suite, "train_per_skill": opts.train_per_skill, "test_per_skill": opts.test_per_skill,
                   "val_per_skill": opts.val_per_skill, "composed": opts.composed, "batch_size": opts.batch_size,
                   "max_length": opts.max_length,
@@ -403,8 +445,11 @@ def compare(opts: CompareOptions) -> dict:
                 stages.say(f"{m.label}, seed {seed}: {what}, then scoring {len(eval_records)} {opts.eval_split} records",
                            steps * (2 if m.kind == "specialists" else 1))
             t = time.time()
+            key = key_for(m, lr, seed, max_steps, opts.eval_split)
+            if opts.eval_every and m.kind not in ("base", "specialists"):  # a run without its curve is redone
+                key["eval_every"] = opts.eval_every
             res = runner.run(m, lr, seed, stream, eval_records, out / "runs" / f"{_slug(m.label)}-seed{seed}",
-                             key_for(m, lr, seed, max_steps, opts.eval_split))
+                             key, curve=True)
             stages.ran(steps if time.time() - t > 1 else 0, time.time() - t)
             if res is None:  # report_only: this run is not there
                 stages.say(f"{m.label}, seed {seed}: not in {out}, left out of the report")
