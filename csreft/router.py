@@ -219,12 +219,13 @@ def cluster_init(router: Router, summaries: torch.Tensor, dims: int | None = Non
                  lr: float = 1e-2, seed: int = 0) -> torch.Tensor:
     """Start `router` at the k-means partition of prompt summaries (N, d) (as the router reads
     them, before its layer norm): cluster the summaries, whitened in their top `dims` principal
-    directions (default 2k), into k groups, then fit the
+    directions (default k: chosen on held-out training phrasings, benchmarks/router_views.py;
+    2k and 4k let one skill's phrasings form clusters of their own), into k groups, then fit the
     router's gates to the one-hot clusters (BCE, Adam, full batch). Returns the cluster ids.
     Training then starts from gates that already tell the clusters apart, instead of a balance
     term's local optimum that merges two skills."""
     k = router.mlp[-1].out_features
-    assign = kmeans(whiten(F.layer_norm(summaries.double(), summaries.shape[-1:]), dims or 2 * k), k, seed=seed)
+    assign = kmeans(whiten(F.layer_norm(summaries.double(), summaries.shape[-1:]), dims or k), k, seed=seed)
     summaries = summaries.to(router.mlp[0].weight.dtype)
     target = F.one_hot(assign, k).to(summaries.dtype)
     params = list(router.mlp.parameters())

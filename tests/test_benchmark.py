@@ -86,3 +86,22 @@ def test_scale_benchmark_reports_size_memory_and_time(tmp_path):
     assert r["edits_bytes"] < r["adapter_bytes"] < r["edits_bytes"] + 4 * r["router_parameters"] + 20_000
     assert r["peak_mb"] > 0 and r["step_cpu_seconds"] > 0
     assert "x1." in proc.stdout or "x0." in proc.stdout
+
+
+def test_router_views_clusters_held_out_points_and_measures_nmi():
+    """benchmarks/router_views.py's clustering: fitted on some points of three clusters, it assigns
+    held-out points of the same clusters to them (NMI 1) under both restart rules; an assignment
+    that ignores the labels has NMI 0."""
+    spec = importlib.util.spec_from_file_location("csreft_router_views", SPEED.parent / "router_views.py")
+    views = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(views)
+    g = torch.Generator().manual_seed(0)
+    k, d, n = 3, 24, 120
+    labels = torch.arange(n) % k
+    centres = 6.0 * torch.randn(k, d, generator=g)
+    x = centres[labels] + torch.randn(n, d, generator=g)
+    for rule in ("inertia", "balance"):
+        centre, project = views.fit_clusters(x[:90], k, dims=k, rule=rule, seed=0)
+        assign = torch.cdist(project(x[90:]), centre).argmin(1)
+        assert views.nmi_of(assign, labels[90:], k) == 1.0
+    assert views.nmi_of(torch.zeros(30, dtype=torch.long), labels[90:], k) == 0.0
