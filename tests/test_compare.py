@@ -1,6 +1,7 @@
 """The comparison runner end to end on a tiny model: every number in the report comes from the run."""
 
 import json
+import re
 import statistics
 
 import pytest
@@ -262,3 +263,35 @@ def test_learning_curves_are_scored_on_validation_and_end_at_the_run(tmp_path, t
     assert "Learning curves" in (out / "report.md").read_text()
     saved = json.loads((out / "runs" / "loreft-seed0" / "result.json").read_text())
     assert saved["key"]["eval_every"] == 2 and len(saved["curve"]) == 4
+
+
+def test_specialists_at_two_ranks_are_both_references(tmp_path, tiny_model_dir):
+    from csreft.comparison.methods import parse_methods
+
+    assert parse_methods("specialists[rank=2],loreft[rank=2]")[0].overrides == {"rank": 2}
+    for bad, message in (("specialists[rank=0]", "rank=0 must be an integer >= 1"),
+                         ("lora[rank=2]", "'rank' cannot be set for lora")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_methods(bad)
+    opts = CompareOptions(suite="builtin", seeds=1, max_steps=2, batch_size=4, lr=1e-2,
+                          methods="loreft,specialists,specialists[rank=2],csreft", rank=2, layers=[1, 2],
+                          positions="f2+l2", router_hidden=16, train_per_skill=4, test_per_skill=2, composed=0,
+                          eval_batch_size=8, model=str(tiny_model_dir), output_dir=str(tmp_path), max_length=64,
+                          quiet=True)
+    r = compare(opts)
+    k = len(r["skills"])
+    assert r["configs"]["specialists[rank=2]"]["rank"] == 2 and r["configs"]["loreft"]["rank"] == 2 * k
+    per_layer = lambda rank: 2 * 64 * rank + rank  # R and W (rank x d each), b
+    assert r["methods"]["specialists[rank=2]"]["trainable_parameters"] == k * 2 * per_layer(2)
+    assert r["methods"]["specialists"]["trainable_parameters"] == k * 2 * per_layer(2 * k)
+    by_ref = r["interference_by_reference"]
+    assert set(by_ref) == {"specialists", "specialists[rank=2]"} and r["interference"] == by_ref["specialists"]
+    for spec, table in by_ref.items():
+        for skill, diff in table["csreft"]["per_skill"].items():
+            want = r["methods"][spec]["per_skill"][skill]["mean"] - r["methods"]["csreft"]["per_skill"][skill]["mean"]
+            assert diff == pytest.approx(want)
+    pairs = {(t["a"], t["b"]) for t in r["paired_tests"]}
+    assert {("csreft", "specialists[rank=2]"), ("loreft", "specialists[rank=2]"), ("csreft", "specialists")} <= pairs
+    md = (tmp_path / "report.md").read_text()
+    assert "Interference against specialists[rank=2] (one LoReFT of rank 2 per skill)" in md
+    assert f"Interference against specialists (one LoReFT of rank {2 * k} per skill)" in md

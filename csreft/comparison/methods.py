@@ -11,6 +11,7 @@ from ..config import CSReftConfig
 KINDS = ("base", "loreft", "specialists", "csreft", "csreft_supervised", "lora", "lora_edits")
 METHODS = KINDS  # "all"
 ROUTED = ("csreft", "csreft_supervised")
+SINGLE_EDIT = ("loreft", "specialists")  # one LoReFT edit (per skill): rank k r unless [rank=...] says
 # learning-rate grids, by family: ReFT edits take larger steps than LoRA's weight deltas
 LR_GRID_REFT = (1e-3, 3e-3, 9e-3)
 LR_GRID_LORA = (3e-4, 1e-3, 3e-3, 9e-3)
@@ -60,13 +61,15 @@ def parse_methods(spec) -> list[Method]:
             key, eq, value = pair.partition("=")
             if not eq:
                 raise ValueError(f"--methods {item}: {pair!r} is not key=value")
-            allowed = {"lr"} | (_CONFIG_FIELDS if kind in ROUTED else set())
+            allowed = {"lr"} | (_CONFIG_FIELDS if kind in ROUTED else {"rank"} if kind in SINGLE_EDIT else set())
             if key not in allowed:
                 raise ValueError(f"--methods {item}: {key!r} cannot be set for {kind}; allowed: "
                                  f"{', '.join(sorted(allowed))}")
             overrides[key] = scalar(value)
         if "lr" in overrides and not (isinstance(overrides["lr"], (int, float)) and overrides["lr"] > 0):
             raise ValueError(f"--methods {item}: lr={overrides['lr']!r} must be a number > 0")
+        if "rank" in overrides and kind in SINGLE_EDIT and not (isinstance(overrides["rank"], int) and overrides["rank"] >= 1):
+            raise ValueError(f"--methods {item}: rank={overrides['rank']!r} must be an integer >= 1")
         if kind in ROUTED:
             try:
                 CSReftConfig(**{k: v for k, v in overrides.items() if k != "lr"})

@@ -27,7 +27,7 @@ class CompareOptions:
     test: str | None = _opt(None, "your own test records, same format")
     methods: str = _opt(",".join(METHODS), "comma-separated methods: base, loreft, specialists, csreft, "
                         "csreft_supervised, lora, lora_edits or all; variants csreft[key=value,...] take "
-                        "CSReftConfig fields and lr", metavar="M,M[k=v],...")
+                        "CSReftConfig fields and lr; loreft and specialists take rank (default k r) and lr", metavar="M,M[k=v],...")
     seeds: int = _opt(3, "seeds per method (paired tests pool them)")
     max_steps: int | None = _opt(100, "optimizer steps of each final run (with --max-minutes: at most this many)")
     max_minutes: float | None = _opt(None, "size the steps so that the whole comparison fits this many minutes")

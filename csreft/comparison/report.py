@@ -102,17 +102,19 @@ def _ms(values) -> dict:
 
 def _pairs(kinds: dict) -> list[tuple[str, str]]:
     """Every routed method against each reference present, then LoReFT and LoRA against theirs."""
-    first = {}
+    first, every = {}, {}
     for label, kind in kinds.items():
         first.setdefault(kind, label)
+        every.setdefault(kind, []).append(label)
+    # one reference of each kind; every specialists method (rank k r, rank r) is a reference of its own
+    refs = [x for r in REFERENCES for x in (every.get(r, []) if r == "specialists" else every.get(r, [])[:1])]
     pairs = []
     for label, kind in kinds.items():
         if kind in ("csreft", "csreft_supervised"):
-            refs = [first[r] for r in REFERENCES if r in first]
-            if label != first.get("csreft") and "csreft" in first:
-                refs.insert(0, first["csreft"])
-            pairs += [(label, r) for r in refs]
-    for a, b in (("loreft", "specialists"), ("lora", "loreft"), ("lora_edits", "loreft")):
+            pairs += [(label, r) for r in ([first["csreft"]] if label != first.get("csreft") and "csreft" in first else [])
+                      + refs]
+    pairs += [(first["loreft"], spec) for spec in every.get("specialists", []) if "loreft" in first]
+    for a, b in (("lora", "loreft"), ("lora_edits", "loreft")):
         if a in first and b in first:
             pairs.append((first[a], first[b]))
     return pairs
@@ -154,16 +156,19 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         if curves:
             methods[label]["curve"] = mean_curve(curves)
             methods[label]["plateau"] = plateau(methods[label]["curve"])
-    interference = {}
-    spec = next((m for m in methods.values() if m["kind"] == "specialists"), None)
-    if spec:
+    by_reference = {}  # per specialists method (e.g. rank k r and rank r), per joint method
+    for spec_label, spec in methods.items():
+        if spec["kind"] != "specialists":
+            continue
+        table = by_reference[spec_label] = {}
         for label, m in methods.items():
             if m["kind"] not in JOINT_KINDS:
                 continue
             diffs = {s: spec["per_skill"][s]["mean"] - m["per_skill"][s]["mean"]
                      for s in suite.skills if spec["per_skill"][s]["mean"] is not None
                      and m["per_skill"][s]["mean"] is not None}
-            interference[label] = {"per_skill": diffs, "mean": statistics.mean(diffs.values()) if diffs else None}
+            table[label] = {"per_skill": diffs, "mean": statistics.mean(diffs.values()) if diffs else None}
+    interference = next(iter(by_reference.values()), {})  # against the first specialists listed
     tests = []
     for a, b in _pairs({label: kinds[label] for label in runs}):
         n_seeds = min(len(runs[a]), len(runs[b]))
@@ -183,7 +188,8 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         "seeds": list(range(opts.seeds)), "max_steps": max_steps, "batch_size": opts.batch_size,
         "specialist_batch_size": opts.specialist_batch_size or opts.batch_size,
         "examples_seen_per_joint_run": max_steps * opts.batch_size,
-        "methods": methods, "interference": interference, "paired_tests": tests,
+        "methods": methods, "interference": interference, "interference_by_reference": by_reference,
+        "paired_tests": tests,
         "configs": configs, "options": asdict(opts), "wall_seconds": wall, "base_parameters": base_params,
         "model": opts.model or "smollm2-135m-instruct",
     }
@@ -259,13 +265,17 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {name} | {m['curve'][-1]['step']} | {_fmt(m['curve'][0]['accuracy'])} | {_fmt(p['best'])} | "
                          f"{_fmt(p['final'])} | {100 * p['gain_last_quarter']:+.1f} | {'yes' if p['plateaued'] else 'no'} | "
                          f"{p['step']} |")
-    if r["interference"]:
-        lines += ["", "Interference = specialist accuracy - joint accuracy (points; positive = the joint "
-                  "run lost accuracy to sharing).", "",
+    for spec_label, table in r.get("interference_by_reference", {"specialists": r["interference"]}).items():
+        if not table:
+            continue
+        rank = r["configs"].get(spec_label, r["configs"]["loreft"])["rank"]
+        lines += ["", f"Interference against {spec_label} (one LoReFT of rank {rank} per skill) = specialist "
+                  "accuracy - joint accuracy (points; positive = the joint run lost accuracy to sharing).", "",
                   "| method | " + " | ".join(skills) + " | mean |", "|---" * (len(skills) + 2) + "|"]
-        for name, v in r["interference"].items():
+        for name, v in table.items():
             cells = [f"{v['per_skill'][s] * 100:+.1f}" if s in v["per_skill"] else "n/a" for s in skills]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['mean'] * 100:+.1f} |")
+    if r["interference"]:
         seen = next(m for m in r["methods"].values() if m["kind"] == "specialists")["examples_per_skill"]
         if seen:
             per = {s: statistics.mean(e[s] for e in seen) for s in skills}

@@ -52,7 +52,7 @@ from ..router import routing_nmi
 from ..training.options import DEFAULTS
 from ..training.trainer import (CSReftTrainer, JsonlLogger, OrderedTrainer, answer_loss, start_router,
                                 training_arguments)
-from .methods import ROUTED, Method, parse_methods
+from .methods import ROUTED, SINGLE_EDIT, Method, parse_methods
 from .options import CompareOptions
 
 def training_stream(records: list[dict], n: int, seed: int) -> list[dict]:
@@ -259,7 +259,9 @@ class _Runner:
         return _Curve(self.opts.eval_every, score)
 
     def config(self, method: Method) -> CSReftConfig:
-        return self.configs["loreft" if method.kind in ("loreft", "specialists") else method.label]
+        if method.label in self.configs:  # csreft variants, loreft[rank=...], specialists[rank=...]
+            return self.configs[method.label]
+        return self.configs["loreft"]  # specialists: one LoReFT per skill, LoReFT's rank
 
     def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict, curve: bool = False) -> dict:
         saved = run_dir / "result.json"
@@ -362,6 +364,10 @@ def compare(opts: CompareOptions) -> dict:
             configs[m.label].validate(hidden_size=d)
     shared = configs["csreft"].shared_subspaces
     configs["loreft"] = CSReftConfig(**{**common, "rank": opts.rank * (k + shared)}, num_subspaces=1, use_router=False)
+    for m in methods:  # e.g. specialists[rank=4]: a specialist at one CS-ReFT subspace's capacity
+        if m.kind in SINGLE_EDIT and "rank" in m.overrides:
+            configs[m.label] = CSReftConfig(**{**common, "rank": m.overrides["rank"]}, num_subspaces=1, use_router=False)
+            configs[m.label].validate(hidden_size=d)
     configs["csreft"].validate(hidden_size=d)
 
     max_steps = opts.max_steps
