@@ -283,3 +283,27 @@ def test_router_init_kmeans_fixed_keeps_the_clustered_router_through_training(tm
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("edits."))
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["router_parameters"] == 0 and summary["edit_parameters"] > 0
+
+
+def test_init_adapter_keeps_its_trained_router_unless_router_init_is_given(tmp_path, tiny_model_dir, monkeypatch):
+    """An adapter saved with router_init=kmeans, trained further with --init-adapter, keeps the
+    router it has: the k-means start runs only for a fresh router or when --router-init asks."""
+    import json
+
+    import csreft.training.recipe as recipe
+    from csreft.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{p} {w}", "response": w, "skill": p}) + "\n"
+                            for p in ("reverse it:", "double it:") for w in ["abc", "dog", "cat", "sun"]))
+    common = ["--data", str(data), "--model", str(tiny_model_dir), "--batch-size", "4", "--max-steps", "1"]
+    main(["train", *common, "--output-dir", str(tmp_path / "a"), "--num-subspaces", "2", "--layers", "1,2",
+          "--rank", "2", "--positions", "f3+l3", "--router-input", "mean", "--router-init", "kmeans"])
+    started = []
+    real = recipe.start_router
+    monkeypatch.setattr(recipe, "start_router", lambda *a, **k: started.append(1) or real(*a, **k))
+    main(["train", *common, "--output-dir", str(tmp_path / "b"), "--init-adapter", str(tmp_path / "a" / "adapter")])
+    assert started == []
+    main(["train", *common, "--output-dir", str(tmp_path / "c"), "--init-adapter", str(tmp_path / "a" / "adapter"),
+          "--router-init", "kmeans"])
+    assert started == [1]

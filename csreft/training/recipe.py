@@ -114,7 +114,9 @@ def _build(opts: dict, options: dict, config_fields: dict, config: CSReftConfig 
                              "nothing to train; compose it with --routing learned to train a router")
         model.edits.requires_grad_(False)
     train_set = usable(SupervisedDataset(records, tokenizer, opts["max_length"], skills), opts["data"], opts)
-    if not resume:
+    # a fresh router starts at its router_init; an --init-adapter's router is kept as trained
+    # unless --router-init asks for a new start
+    if not resume and (not opts["init_adapter"] or "router_init" in config_fields):
         clusters = start_router(model, train_set, seed=opts["seed"])
         if clusters:
             print(f"router started at the k-means clusters of {clusters['prompts']} training prompts: "
