@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from csreft.evaluation.suites import get_suite
-from csreft.router import _nmi
+from csreft.router import kmeans_runs, routing_nmi, whitening
 
 SIZES = {"builtin": dict(train_per_skill=60, test_per_skill=1),
          "classification": dict(train_per_skill=300, test_per_skill=1),
@@ -70,46 +69,29 @@ def pooled(suite, layers: list[int], batch_size: int = 16) -> dict[str, torch.Te
     return views
 
 
-def fit_clusters(x: torch.Tensor, k: int, dims: int, rule: str, seed: int, restarts: int = 10, iters: int = 50):
-    """(centre, project) fitted on x (N, m): project(y) whitens y as x was; centres in that view."""
-    x = F.layer_norm(x.double(), x.shape[-1:])
-    mu = x.mean(0)
-    _, s, vh = torch.linalg.svd(x - mu, full_matrices=False)
-    dims = min(dims, vh.shape[0])
-    scale = (s[:dims] / max(len(x) - 1, 1) ** 0.5).clamp(min=1e-12)
+def fit_clusters(x: torch.Tensor, k: int, dims: int, rule: str, seed: int, restarts: int = 10):
+    """(centres, project) fitted on x (N, m) as csreft.router.cluster_init clusters (layer norm,
+    whitening, k-means restarts), the restart chosen by `rule`: project(y) maps y to the view
+    the centres are in."""
+    whitened = whitening(F.layer_norm(x.double(), x.shape[-1:]), dims)
 
     def project(y):
-        return (F.layer_norm(y.double(), y.shape[-1:]) - mu) @ vh[:dims].T / scale
+        return whitened(F.layer_norm(y.double(), y.shape[-1:]))
 
-    z = project(x.float())
-    g = torch.Generator().manual_seed(seed)
-    runs = []
-    for _ in range(restarts):
-        centres = z[torch.randint(len(z), (1,), generator=g)]
-        for _ in range(1, k):
-            d2 = torch.cdist(z, centres).min(1).values ** 2
-            centres = torch.cat([centres, z[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
-        for _ in range(iters):
-            assign = torch.cdist(z, centres).argmin(1)
-            moved = torch.stack([z[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
-            if torch.equal(moved, centres):
-                break
-            centres = moved
-        inertia = float(((z - centres[assign]) ** 2).sum())
-        p = torch.bincount(assign, minlength=k).double() / len(z)
-        runs.append((inertia, float(-(p[p > 0] * p[p > 0].log()).sum()), centres))
-    best = min(r[0] for r in runs)
+    runs = kmeans_runs(project(x), k, restarts, seed=seed)
     if rule == "inertia":
-        centres = min(runs, key=lambda r: r[0])[2]
-    else:
-        centres = max((r for r in runs if r[0] <= 1.05 * best), key=lambda r: r[1])[2]
-    return centres, project
+        return min(runs, key=lambda r: r[2])[1], project
+    low = min(r[2] for r in runs)
+
+    def evenness(run):
+        p = torch.bincount(run[0], minlength=k).double() / len(x)
+        return float(-(p[p > 0] * p[p > 0].log()).sum())
+
+    return max((r for r in runs if r[2] <= 1.05 * low), key=evenness)[1], project
 
 
 def nmi_of(assign: torch.Tensor, skills: torch.Tensor, k: int) -> float:
-    joint = torch.zeros(int(skills.max()) + 1, k, dtype=torch.float64)
-    joint.index_put_((skills, assign), torch.ones(len(assign), dtype=torch.float64), accumulate=True)
-    return _nmi(joint)
+    return routing_nmi(F.one_hot(assign, k), skills.tolist())["nmi"]
 
 
 def screen(name: str, args) -> dict:

@@ -182,12 +182,12 @@ def routing_nmi(gates: torch.Tensor, skills) -> dict:
 
 
 # -- starting the router at a clustering of the prompts ------------------------------------------
-def kmeans(x: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: int = 0) -> torch.Tensor:
-    """Cluster ids (N,) of the rows of x (N, m): k-means++ seeding, Lloyd iterations, the
-    lowest-inertia of `restarts` runs (seeded: the same x gives the same clusters)."""
+def kmeans_runs(x: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: int = 0) -> list[tuple]:
+    """`restarts` k-means runs on the rows of x (N, m): k-means++ seeding, Lloyd iterations;
+    one (cluster ids (N,), centres (k, m), inertia) per run (seeded: the same x, the same runs)."""
     x = x.double()
     g = torch.Generator().manual_seed(seed)
-    best, best_inertia = None, math.inf
+    runs = []
     for _ in range(restarts):
         centres = x[torch.randint(len(x), (1,), generator=g)]
         for _ in range(1, k):
@@ -200,19 +200,30 @@ def kmeans(x: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: i
             if torch.equal(moved, centres):
                 break
             centres = moved
-        inertia = float(((x - centres[assign]) ** 2).sum())
-        if inertia < best_inertia:
-            best, best_inertia = assign, inertia
-    return best
+        runs.append((assign, centres, float(((x - centres[assign]) ** 2).sum())))
+    return runs
+
+
+def kmeans(x: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """Cluster ids (N,) of the rows of x (N, m): the lowest-inertia of `restarts` k-means runs."""
+    return min(kmeans_runs(x, k, restarts, iters, seed), key=lambda run: run[2])[0]
+
+
+def whitening(x: torch.Tensor, dims: int):
+    """The map that centres rows like x's (N, d) and projects them on x's top `dims` principal
+    directions, each scaled to unit variance over x."""
+    x = x.double()
+    mean = x.mean(0)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    dims = min(dims, vh.shape[0])
+    scale = (s[:dims] / max(len(x) - 1, 1) ** 0.5).clamp(min=1e-12)
+    return lambda y: (y.double() - mean) @ vh[:dims].T / scale
 
 
 def whiten(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """x (N, d) centred and projected on its top `dims` principal directions, each scaled to
-    unit variance: the view in which prompt clusters are skills (docs/results/routing-study.md)."""
-    x = x.double() - x.double().mean(0)
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    dims = min(dims, vh.shape[0])
-    return x @ vh[:dims].T / (s[:dims] / max(len(x) - 1, 1) ** 0.5).clamp(min=1e-12)
+    """x (N, d) whitened in its top `dims` principal directions: the view in which prompt
+    clusters are skills (docs/results/routing-study.md)."""
+    return whitening(x, dims)(x)
 
 
 def cluster_init(router: Router, summaries: torch.Tensor, dims: int | None = None, steps: int = 300,
