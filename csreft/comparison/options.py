@@ -21,8 +21,9 @@ def _opt(default, help: str, **extra):
 class CompareOptions:
     _argument_group_name = "comparison"  # the group of these flags in --help
 
-    suite: str = _opt("builtin", "the multi-skill suite: builtin (generated), classification, paraphrase (classification, 8 phrasings per task, 3 held out) or commonsense "
-                      "(real data, see `csreft data`)")
+    suite: str = _opt("builtin", "the multi-skill suite: builtin (generated), grid (generated tasks x styles, "
+                      "held-out cells), classification, paraphrase (classification, 8 phrasings per task, 3 held out) "
+                      "or commonsense (real data, see `csreft data`)")
     train: str | None = _opt(None, "your own training records (JSON / JSONL with 'skill'); with --test, replaces the suite")
     test: str | None = _opt(None, "your own test records, same format")
     methods: str = _opt(",".join(METHODS), "comma-separated methods: base, loreft, specialists, csreft, "
@@ -50,7 +51,7 @@ class CompareOptions:
     max_length: int = _opt(256, "tokens per training example")
     train_per_skill: int | None = _opt(100, "training records per skill (validation is carved from them)")
     test_per_skill: int | None = _opt(50, "test records per skill")
-    composed: int = _opt(60, "held-out two-skill prompts of the builtin suite")
+    composed: int = _opt(60, "held-out two-skill prompts of the builtin suite (grid: records of the test cells)")
     eval_every: int | None = _opt(None, "learning curves: score each final run on the validation split before "
                                   "training, every N steps and at the end (not the specialists); the report "
                                   "plots them and says where each method plateaus")

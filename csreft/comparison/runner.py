@@ -348,7 +348,7 @@ def compare(opts: CompareOptions) -> dict:
         opts = dataclasses.replace(opts, suite=suite.name)
     else:
         suite = get_suite(opts.suite, train_per_skill=opts.train_per_skill, test_per_skill=opts.test_per_skill,
-                          **({"composed": opts.composed} if opts.suite == "builtin" else {}))
+                          **({"composed": opts.composed} if opts.suite in ("builtin", "grid") else {}))
     pool, val = split_validation(suite, opts.val_per_skill)
     eval_records = suite.test if opts.eval_split == "test" else val
     base, tokenizer = load_base(opts.model or DEFAULT_MODEL)
