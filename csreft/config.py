@@ -110,6 +110,12 @@ class CSReftConfig:
     routing_temperature: float = field(default=1.0, metadata={
         "help": "signature / prototype routing: softmax temperature of the scores (top_k skills keep "
                 "their share)"})
+    placement: str | None = field(default=None, metadata={
+        "help": "where each routed subspace edits, one ';'-separated entry per subspace: the layers "
+                "it edits, optionally @f or @l (only the first / last prompt positions; needs "
+                "share_positions false), 'xN' repeating an entry: '3,9x5;18,24x4' puts subspaces 0-4 "
+                "at layers 3 and 9 and 5-8 at 18 and 24 (default: every subspace at every site)",
+        "metavar": "SPEC"})
     dropout: float = field(default=0.0, metadata={
         "help": "dropout on the low-rank edit coordinates during training, in [0, 1)"})
     format_version: int = field(default=FORMAT_VERSION, init=False)  # checked by from_dict
@@ -190,6 +196,8 @@ class CSReftConfig:
                 raise bad(name, "a number >= 0")
         if self.format_version != FORMAT_VERSION:
             raise bad("format_version", f"this csreft reads format {FORMAT_VERSION}")
+        if self.placement is not None:
+            self.placement_sites()  # raises naming the entry
         n = self.num_subspaces + self.shared_subspaces
         if hidden_size is not None and self.rank * n > hidden_size:
             raise ValueError(
@@ -210,6 +218,41 @@ class CSReftConfig:
             return [[("all", 0)]]
         segments = [(kind, n) for kind, n in zip("fl", p) if n > 0]
         return [segments] if self.share_positions else [[s] for s in segments]
+
+    def placement_sites(self) -> list[tuple[list[int], list[int]]] | None:
+        """Per routed subspace, (the layers, the position-group indices) it edits, from
+        `placement`; None when every subspace edits every site."""
+        if self.placement is None:
+            return None
+
+        def bad(entry: str, allowed: str) -> ValueError:
+            return ValueError(f"placement={self.placement!r} is not valid: entry {entry!r}: {allowed}")
+
+        if not isinstance(self.placement, str):
+            raise ValueError(f"placement={self.placement!r} is not valid: a string such as '3,9x2;18,24x2'")
+        names = ["f", "l"] if len(self.position_groups) == 2 else []
+        sites = []
+        for entry in (e.strip() for e in self.placement.split(";")):
+            m = re.fullmatch(r"([\d,\s]+?)\s*(?:@\s*([a-z]+))?\s*(?:x\s*(\d+))?", entry)
+            if not m:
+                raise bad(entry, "LAYERS[@f|@l][xN], e.g. 3,9 or 18,24@l or 3,9x4")
+            layers = [int(x) for x in m.group(1).replace(" ", "").split(",") if x]
+            if not layers or any(x not in self.layers for x in layers):
+                raise bad(entry, f"its layers must be among the edited layers {self.layers}")
+            if m.group(2) is None:
+                groups = list(range(len(self.position_groups)))
+            elif m.group(2) in names:
+                groups = [names.index(m.group(2))]
+            else:
+                raise bad(entry, "@f / @l need positions fN+lN with share_positions false (one edit per group)")
+            repeat = int(m.group(3) or 1)
+            if repeat < 1:
+                raise bad(entry, "xN needs N >= 1")
+            sites += [(sorted(set(layers)), groups)] * repeat
+        if len(sites) != self.num_subspaces:
+            raise ValueError(f"placement={self.placement!r} is not valid: it places {len(sites)} subspaces, "
+                             f"num_subspaces is {self.num_subspaces}")
+        return sites
 
     @property
     def total_subspaces(self) -> int:

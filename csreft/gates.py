@@ -6,7 +6,8 @@
             place of the router's output for that call (no router runs; models without a
             router take them too). Any finite value is allowed: 1 applies a subspace's edit as
             trained, 0 leaves it out, a negative gate subtracts it (removes a skill) and a gate
-            above 1 amplifies it;
+            above 1 amplifies it. (B, L, k) or (1, L, k) give each of the L edited layers its
+            own gates (per-layer weights, e.g. fitted for a composition);
     skills  names from the adapter's skill list that turn exactly those subspaces on (gate 1,
             all others 0): "sort,upper" for the whole batch, or one entry per example, each a
             comma-separated string or a list of names ("" or [] = no routed subspace).
@@ -71,8 +72,9 @@ def skill_gates(skills, names: list[str] | None, batch: int) -> torch.Tensor:
 MAX_GATE = 1e3  # beyond this an explicit gate only overflows the hidden states
 
 
-def resolve_gates(gates, skills, names: list[str] | None, k: int, batch: int) -> torch.Tensor:
-    """The (batch, k) float32 gates given by `gates` or `skills` (exactly one of them)."""
+def resolve_gates(gates, skills, names: list[str] | None, k: int, batch: int, layers: int | None = None) -> torch.Tensor:
+    """The (batch, k), or per-layer (batch, layers, k), float32 gates given by `gates` or
+    `skills` (exactly one of them). A gates tensor that requires grad keeps its graph."""
     if gates is not None and skills is not None:
         raise ValueError("give gates or skills, not both")
     if skills is not None:
@@ -80,17 +82,19 @@ def resolve_gates(gates, skills, names: list[str] | None, k: int, batch: int) ->
     t = gates.float() if isinstance(gates, torch.Tensor) else torch.tensor(gates, dtype=torch.float32)
     if t.dim() == 1:
         t = t[None]
-    if t.dim() != 2 or t.shape[1] != k or t.shape[0] not in (1, batch):
+    per_layer = t.dim() == 3 and layers is not None and t.shape[1] == layers
+    if not (t.dim() == 2 or per_layer) or t.shape[-1] != k or t.shape[0] not in (1, batch):
+        also = f", or ({batch}, {layers}, {k}) per edited layer" if layers is not None else ""
         raise ValueError(
             f"gates has shape {tuple(t.shape)}: expected ({batch}, {k}) (one row per example) or "
-            f"({k},) (one row for the whole batch); this model has k = {k} routed subspaces"
+            f"({k},) (one row for the whole batch){also}; this model has k = {k} routed subspaces"
         )
     if not bool(torch.isfinite(t).all()):
         raise ValueError("gates must be finite numbers")
     if t.abs().max() > MAX_GATE:  # the edits would overflow the hidden states (NaN logits)
         raise ValueError(f"gates must be between -{MAX_GATE:g} and {MAX_GATE:g} (got {t.abs().max().item():g}): "
                          "a gate scales its edit; 1 applies it fully")
-    return t.expand(batch, k)
+    return t.expand(batch, *t.shape[1:])
 
 
 @contextmanager
@@ -101,7 +105,8 @@ def steering(model, gates=None, skills=None):
         with steering(model, skills="reverse,upper"):
             evaluate_suite(model, tokenizer, suite, records=composed)
     """
-    row = resolve_gates(gates, skills, model.skill_names, model.csreft_config.num_subspaces, 1)
+    row = resolve_gates(gates, skills, model.skill_names, model.csreft_config.num_subspaces, 1,
+                        len(model.csreft_config.layers))
     previous, model.default_gates = model.default_gates, row
     try:
         yield model

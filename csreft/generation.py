@@ -24,7 +24,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
     if gates is not None or skills is not None:
         if not isinstance(model, CSReftModel):
             raise ValueError("gates and skills need a CSReftModel (an adapter)")
-        gates = resolve_gates(gates, skills, model.skill_names, model.csreft_config.num_subspaces, len(prompts))
+        gates = resolve_gates(gates, skills, model.skill_names, model.csreft_config.num_subspaces, len(prompts),
+                              len(model.csreft_config.layers))
     parts = template_parts(tokenizer, system)
     encoded = [encode_example(tokenizer, p, parts=parts) for p in prompts]
     generate_kwargs.setdefault("do_sample", False)

@@ -96,7 +96,7 @@ class _Context:
             groups = [(i.to(device, non_blocking=True), v.to(device, non_blocking=True)) for i, v in self.groups]
             gates = self.gates.to(device, non_blocking=True)
             if shared:
-                gates = torch.cat([gates, gates.new_ones(gates.shape[0], shared)], -1)
+                gates = torch.cat([gates, gates.new_ones(*gates.shape[:-1], shared)], -1)
             self._on_device[device] = (groups, gates)
         return self._on_device[device]
 
@@ -152,6 +152,18 @@ class CSReftModel(nn.Module):
                 for _ in config.position_groups
             )
             self.edits[str(layer)] = groups.to(device_of(layers[layer]))
+        # placement: per layer, a (groups, k + shared) 0/1 mask of the sites each subspace edits
+        self._layer_index = {str(layer): i for i, layer in enumerate(config.layers)}
+        self._site_mask: dict[str, torch.Tensor] = {}
+        sites = config.placement_sites()
+        if sites is not None:
+            for layer in config.layers:
+                mask = torch.ones(len(config.position_groups), config.total_subspaces)
+                for i, (at_layers, at_groups) in enumerate(sites):
+                    mask[:, i] = 0.0
+                    if layer in at_layers:
+                        mask[at_groups, i] = 1.0
+                self._site_mask[str(layer)] = mask.to(device_of(layers[layer]))
         self.router = None
         router_layer = config.router_reads()
         if config.use_router and config.routing != "learned":
@@ -291,10 +303,14 @@ class CSReftModel(nn.Module):
         if ctx is None or ctx.gates is None:  # not edited, or the routing pass below the router
             return None
         groups, gates = ctx.on(hidden.device, self.csreft_config.shared_subspaces)
-        for edit, (idx, valid) in zip(self.edits[layer], groups):
+        if gates.dim() == 3:  # per-layer gates (B, layers, k)
+            gates = gates[:, self._layer_index[layer]]
+        mask = self._site_mask.get(layer)
+        for g, (edit, (idx, valid)) in enumerate(zip(self.edits[layer], groups)):
             index = idx[..., None].expand(-1, -1, hidden.shape[-1])
+            here = gates if mask is None else gates * mask[g]
             # gates (B, P, k): the sequence's gates at valid positions, 0 at padding ones
-            delta = edit(hidden.gather(1, index), gates[:, None, :] * valid[..., None], delta_only=True)
+            delta = edit(hidden.gather(1, index), here[:, None, :] * valid[..., None], delta_only=True)
             hidden = hidden.scatter_add(1, index, delta)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -366,8 +382,8 @@ class CSReftModel(nn.Module):
         A 4D attention_mask (B, 1, L, L) goes to the base as is (e.g. several candidate
         responses packed after one prompt); prompt spans then count from each row's start
         (rows right-padded), so pass prompt_lengths.
-        gates (B, k) or (k,) / skills (names) replace the router for this call (csreft.gates);
-        no router loss is computed then and .probs is None.
+        gates (B, k) or (k,), or per edited layer (B, layers, k) / skills (names) replace the
+        router for this call (csreft.gates); no router loss is computed then and .probs is None.
         """
         if logits_at is not None and labels is not None:
             raise ValueError("logits_at and labels cannot be combined: logits_at computes no loss")
@@ -451,13 +467,15 @@ class CSReftModel(nn.Module):
             self._ctx = None
 
     def _explicit_gates(self, gates, skills, input_ids) -> torch.Tensor | None:
-        """(B, k) gates that replace the router for this call, or None (see csreft.gates)."""
+        """(B, k) or per-layer (B, layers, k) gates that replace the router for this call, or
+        None (see csreft.gates)."""
         if gates is None and skills is None:
             gates = self.default_gates
             if gates is None:
                 return None
         k = self.csreft_config.num_subspaces
-        return resolve_gates(gates, skills, self.skill_names, k, input_ids.shape[0]).to(input_ids.device)
+        return resolve_gates(gates, skills, self.skill_names, k, input_ids.shape[0],
+                             len(self.csreft_config.layers))
 
     def trainable_parameters(self) -> dict:
         """Counts of trainable numbers: edits, router, total, and percent of the base model."""

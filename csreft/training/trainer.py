@@ -100,7 +100,7 @@ class CSReftTrainer(OrderedTrainer):
         if answer_mask is not None:  # loss on the answer tokens alone (format tokens are learnt fast)
             parts["answer_loss"] = answer_loss(out.token_losses, inputs["labels"], answer_mask)
         core = self.accelerator.unwrap_model(self.model)
-        if core.router is not None:
+        if core.router is not None and out.probs is not None:  # routed (explicit gates have no probs)
             gates = out.gates.detach().float()
             mass = gates / gates.sum(-1, keepdim=True).clamp(min=1e-12)
             parts["gate_entropy"] = entropy(mass).mean()
