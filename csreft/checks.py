@@ -94,10 +94,19 @@ def check_padding(attention_mask: torch.Tensor, first: torch.Tensor, n_real: tor
 
 
 def check_skill_labels(skill_labels, batch: int, k: int) -> torch.Tensor:
-    """Skill labels: one integer per row in [-1, k) (-1: unlabelled)."""
+    """Skill labels: one integer per row in [-1, k) (-1: unlabelled), or (batch, k) 0/1 targets
+    for rows with several skills (a row of -1: unlabelled)."""
     t = torch.as_tensor(skill_labels)
+    if t.is_floating_point() and t.dim() == 2:
+        if tuple(t.shape) != (batch, k):
+            raise ValueError(f"skill_labels as targets must have shape ({batch}, {k}), got {_shape(t)}")
+        rows_ok = ((t == 0) | (t == 1)).all(-1) | (t == -1).all(-1)
+        if not bool(rows_ok.all()):
+            raise ValueError("skill_labels targets must be 0 or 1 per subspace (a row of -1: unlabelled)")
+        return t
     if t.is_floating_point() or t.dtype == torch.bool or t.reshape(-1).shape != (batch,):
-        raise ValueError(f"skill_labels must be {batch} integers (one per row), got {_shape(t)} {t.dtype}")
+        raise ValueError(f"skill_labels must be {batch} integers (one per row), or ({batch}, {k}) 0/1 targets, "
+                         f"got {_shape(t)} {t.dtype}")
     t = t.reshape(-1)
     if bool(((t < -1) | (t >= k)).any()):
         raise ValueError(f"skill_labels holds {t.tolist()}: each must be a subspace index 0..{k - 1}, or -1 "

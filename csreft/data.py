@@ -262,6 +262,13 @@ def normalize_record(record, source: str, number: int, place: str | None = None)
             "(instruction, input, output), prompt/response, or chat (messages)"
         )
     out = {"prompt": prompt, "response": response, "skill": field("skill", required=False), "system": system}
+    if "skills" in record:  # every skill the record needs (a composed one: several)
+        skills = record["skills"]
+        if not isinstance(skills, list) or not skills or not all(isinstance(x, str) and x.strip() for x in skills):
+            raise DataError(f"{where}: field 'skills' must be a non-empty list of skill names, got {skills!r}")
+        if out["skill"] is not None and out["skill"] not in skills:
+            raise DataError(f"{where}: field 'skill' {out['skill']!r} is not among its 'skills' {skills}")
+        out["skills"] = list(skills)
     if "answer" in record:  # what a checker compares against (else the whole response)
         out["answer"] = field("answer")
     if "choices" in record:  # candidate responses for label log-likelihood scoring
@@ -324,6 +331,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 self.truncated += 1
                 e["input_ids"], e["labels"] = e["input_ids"][:max_length], e["labels"][:max_length]
             e["skill_label"] = index.get(rec.get("skill"), -1)
+            e["skill_set"] = sorted({index[x] for x in rec.get("skills") or [rec.get("skill")] if x in index})
             if isinstance(rec.get("answer"), str) and rec["answer"] and rec["answer"] in rec["response"]:
                 e["answer_mask"] = _answer_mask(tokenizer, rec, suffix, e["prompt_length"], len(e["input_ids"]))
             self.examples.append(e)
@@ -345,24 +353,57 @@ def _answer_mask(tokenizer, record: dict, suffix: str, prompt_length: int, lengt
 
 
 def skill_names(records: list[dict]) -> list[str]:
-    """Sorted distinct skill names of the records (subspace i <-> skills[i])."""
-    return sorted({r["skill"] for r in records if r.get("skill")})
+    """Sorted distinct skill names of the records' 'skill' and 'skills' (subspace i <-> skills[i])."""
+    return sorted({r["skill"] for r in records if r.get("skill")} | {x for r in records for x in r.get("skills") or []})
 
 
 class Collator:
-    """Right-pads examples for training; adds skill_labels (B,) when `with_skills` (the
-    supervised routing loss), else skill_ids (B,) (logged routing statistics only), and
-    answer_mask (B, L) when every example marks its answer tokens."""
+    """Right-pads examples for training; adds answer_mask (B, L) when every example marks its
+    answer tokens, and one of
+      skill_labels (B,), or (B, k) 0/1 when a record has several skills (`with_skills`: the
+                   supervised routing loss);
+      gates (B, k) (`gates_from_skills`, k given): 1 on each record's skills, 0 elsewhere, and
+                   with `dropin` > 0 each other subspace, with that chance, at a factor drawn
+                   from `factors` (the target unchanged: composable training);
+      skill_ids (B,) otherwise (logged routing statistics only).
+    Drop-ins come from a generator seeded by `seed` (a resumed run draws them afresh)."""
 
-    def __init__(self, pad_id: int, with_skills: bool = False):
-        self.pad_id, self.with_skills = pad_id, with_skills
+    def __init__(self, pad_id: int, with_skills: bool = False, gates_from_skills: bool = False, k: int | None = None,
+                 dropin: float = 0.0, factors=(-1.0, 1.0), seed: int = 0):
+        if gates_from_skills and (with_skills or k is None):
+            raise ValueError("gates_from_skills needs k and excludes with_skills (explicit gates train no router)")
+        self.pad_id, self.with_skills, self.gates_from_skills, self.k = pad_id, with_skills, gates_from_skills, k
+        self.dropin, self.factors = float(dropin), torch.tensor([float(f) for f in factors])
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _multi_hot(self, examples: list[dict], k: int) -> torch.Tensor:
+        hot = torch.zeros(len(examples), k)
+        for i, e in enumerate(examples):
+            hot[i, e["skill_set"]] = 1.0
+        return hot
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = pad_batch(examples, self.pad_id, side="right")
         if all("answer_mask" in e for e in examples):
             width = batch["input_ids"].shape[1]
             batch["answer_mask"] = torch.tensor([e["answer_mask"] + [0] * (width - len(e["answer_mask"])) for e in examples])
-        if self.with_skills:
+        several = any(len(e.get("skill_set", ())) > 1 for e in examples)
+        if self.gates_from_skills:
+            gates = self._multi_hot(examples, self.k)
+            if self.dropin > 0:
+                on = (torch.rand(gates.shape, generator=self.generator) < self.dropin) & (gates == 0)
+                pick = torch.randint(len(self.factors), gates.shape, generator=self.generator)
+                gates = torch.where(on, self.factors[pick], gates)
+            batch["gates"] = gates
+            batch["skill_ids"] = torch.tensor([e["skill_label"] for e in examples])
+        elif self.with_skills and several:
+            if self.k is None:
+                raise ValueError("records with several skills need the Collator's k (the number of subspaces)")
+            hot = self._multi_hot(examples, self.k)
+            hot[[not e["skill_set"] for e in examples]] = -1.0  # unlabelled rows
+            batch["skill_labels"] = hot
+            batch["skill_ids"] = torch.tensor([e["skill_label"] for e in examples])  # statistics
+        elif self.with_skills:
             batch["skill_labels"] = torch.tensor([e["skill_label"] for e in examples])
         elif all("skill_label" in e for e in examples):  # for the routing statistics only
             batch["skill_ids"] = torch.tensor([e["skill_label"] for e in examples])

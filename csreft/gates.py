@@ -15,8 +15,8 @@
 Always-on shared subspaces (config.shared_subspaces) stay on whatever the gates. Rows are
 independent, so one batch may serve different skills to different examples.
 
-Which subspace a skill name means: an adapter trained with --skill-routing learned skill i in
-subspace i (its metadata's `skills`, sorted); a composed adapter lists its imported skills in
+Which subspace a skill name means: an adapter trained with --skill-routing (or --train-gates
+skills) learned skill i in subspace i (its metadata's `skills`, sorted); a composed adapter lists its imported skills in
 order; a one-subspace adapter (LoReFT) trained on one skill is that skill. Other adapters'
 subspaces have no names; give them numeric gates.
 """
@@ -32,7 +32,8 @@ def subspace_names(metadata: dict, num_subspaces: int) -> list[str] | None:
     """Skill name of each routed subspace from an adapter's metadata, or None when the
     subspaces are not tied to skills (unsupervised routing)."""
     skills = [str(s) for s in (metadata or {}).get("skills") or []]
-    if (metadata or {}).get("skill_routing") or (metadata or {}).get("composed_from"):
+    meta = metadata or {}
+    if meta.get("skill_routing") or meta.get("composed_from") or meta.get("train_gates") == "skills":
         return skills[:num_subspaces] + [f"subspace{i}" for i in range(len(skills), num_subspaces)]
     if num_subspaces == 1 and len(skills) == 1:
         return skills

@@ -145,10 +145,14 @@ def balance_loss(probs: torch.Tensor) -> torch.Tensor:
 def routing_loss(probs: torch.Tensor, skill_labels: torch.Tensor) -> torch.Tensor:
     """BCE of gate probabilities against one-hot skills; labels < 0 mean "unlabelled".
 
-    probs: (B, k); skill_labels: (B,) ints in [-1, k). Returns 0 when nothing is labelled.
+    probs: (B, k); skill_labels: (B,) ints in [-1, k), or (B, k) 0/1 targets (several skills per
+    row; a row of -1 is unlabelled). Returns 0 when nothing is labelled.
     """
-    labelled = skill_labels >= 0
-    target = F.one_hot(skill_labels.clamp(min=0), probs.shape[-1]).to(probs.dtype)
+    if skill_labels.dim() == 2:
+        labelled, target = (skill_labels >= 0).all(-1), skill_labels.clamp(min=0).to(probs.dtype)
+    else:
+        labelled = skill_labels >= 0
+        target = F.one_hot(skill_labels.clamp(min=0), probs.shape[-1]).to(probs.dtype)
     per_example = F.binary_cross_entropy(probs, target, reduction="none").mean(-1)
     return (per_example * labelled).sum() / labelled.sum().clamp(min=1)
 

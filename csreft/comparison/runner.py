@@ -135,7 +135,8 @@ def _train(model, tokenizer, records, opts: CompareOptions, seed: int, out_dir: 
     if lora:
         trainer = _LoraTrainer(data_collator=_LoraCollator(tokenizer.pad_token_id), **common)
     else:
-        trainer = CSReftTrainer(data_collator=Collator(tokenizer.pad_token_id, with_skills=supervised), **common)
+        trainer = CSReftTrainer(data_collator=Collator(tokenizer.pad_token_id, with_skills=supervised,
+                                                       k=model.csreft_config.num_subspaces), **common)
     trainer.remove_callback(PrinterCallback)  # the stage lines say what runs; no raw log dictionaries
     trainer.remove_callback(ProgressCallback)
     started = time.time()

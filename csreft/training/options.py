@@ -14,6 +14,7 @@ from typing import Any
 from ..config import CSReftConfig
 
 TRAIN_PARTS = ("all", "router")
+TRAIN_GATES = ("router", "skills")
 
 
 def _opt(default, help: str, **extra):
@@ -48,6 +49,14 @@ class TrainingOptions:
     overwrite: bool = _opt(False, "replace the checkpoints and adapter of an earlier run in OUTPUT_DIR")
     max_length: int = _opt(512, "tokens per example; longer responses are truncated")
     skill_routing: bool = _opt(False, "add the supervised routing loss from the records' 'skill' fields")
+    train_gates: str = _opt("router", "what gates the edits in training: the router, or each record's skills "
+                            "('skill' / 'skills': gate 1 on their subspaces, 0 elsewhere; no router is trained, "
+                            "for skills composed by explicit gates or a router trained afterwards)",
+                            choices=TRAIN_GATES)
+    gate_dropin: float = _opt(0.0, "with --train-gates skills: the chance that each other subspace is also on for "
+                              "an example, at a factor from --dropin-factors, its target unchanged (composable "
+                              "training: other skills' edits, added or subtracted, are in-distribution)")
+    dropin_factors: str = _opt("-1,1", "the gates a dropped-in subspace gets, drawn uniformly", metavar="G,G,...")
     max_examples: int | None = _opt(None, "use only the first N records of --data")
     init_adapter: str | None = _opt(None, "start from this adapter (e.g. a composed skill library) instead of fresh edits")
     train: str = _opt("all", "what to train: all (edits and router) or router (edits frozen, bit-identical)",
@@ -78,6 +87,15 @@ class TrainingOptions:
         schedulers = [s.value for s in SchedulerType]
         if self.scheduler not in schedulers:
             raise ValueError(f"--scheduler {self.scheduler!r} is not valid: one of {', '.join(schedulers)}")
+        if self.train_gates not in TRAIN_GATES:
+            raise ValueError(f"--train-gates {self.train_gates!r}: expected 'router' or 'skills'")
+        self._check("gate_dropin", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        if self.gate_dropin and self.train_gates != "skills":
+            raise ValueError("--gate-dropin needs --train-gates skills (it drops other skills' gates in)")
+        dropin_factors(self.dropin_factors)
+        if self.train_gates == "skills" and (self.skill_routing or self.train == "router"):
+            raise ValueError("--train-gates skills trains the edits under explicit gates and no router; train a "
+                             "router afterwards: --init-adapter DIR --train router --skill-routing")
         if self.train not in TRAIN_PARTS:
             raise ValueError(f"--train {self.train!r}: expected 'all' (edits and router) or 'router'")
         if self.resume and self.deepspeed:
@@ -96,6 +114,17 @@ class TrainingOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def dropin_factors(text: str) -> list[float]:
+    """--dropin-factors as numbers: "-1,1" -> [-1.0, 1.0]."""
+    try:
+        factors = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        factors = []
+    if not factors or not all(math.isfinite(f) for f in factors):
+        raise ValueError(f"--dropin-factors {text!r} is not valid: comma-separated finite numbers such as -1,1")
+    return factors
 
 
 TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingOptions))

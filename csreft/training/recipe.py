@@ -20,7 +20,7 @@ from ..integrity import read_adapter_config
 from ..model import CSReftModel, get_csreft_model
 from ..signatures import signatures_of
 from .distributed import single_process_launch
-from .options import split_options
+from .options import dropin_factors, split_options
 from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, claim, fingerprint,
                      is_main_process, resolve_resume, trim_log, verify_checkpoint)
 from .trainer import CSReftTrainer, JsonlLogger, start_router, training_arguments
@@ -114,6 +114,12 @@ def _build(opts: dict, options: dict, config_fields: dict, config: CSReftConfig 
                              "nothing to train; compose it with --routing learned to train a router")
         model.edits.requires_grad_(False)
     train_set = usable(SupervisedDataset(records, tokenizer, opts["max_length"], skills), opts["data"], opts)
+    gated = opts["train_gates"] == "skills"
+    if gated:
+        unlabelled = next((i for i, e in enumerate(train_set.examples) if not e["skill_set"]), None)
+        if unlabelled is not None:
+            raise ValueError(f"--train-gates skills: training example {unlabelled + 1} of {opts['data']} has no "
+                             "'skill' or 'skills' (each record's skills are its gates)")
     # a fresh router starts at its router_init; an --init-adapter's router is kept as trained
     # unless --router-init asks for a new start
     if not resume and (not opts["init_adapter"] or "router_init" in config_fields):
@@ -130,11 +136,15 @@ def _build(opts: dict, options: dict, config_fields: dict, config: CSReftConfig 
         args=training_arguments(opts),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(tokenizer.pad_token_id, with_skills=opts["skill_routing"]),
+        data_collator=Collator(tokenizer.pad_token_id, with_skills=opts["skill_routing"], gates_from_skills=gated,
+                               k=model.csreft_config.num_subspaces, dropin=opts["gate_dropin"],
+                               factors=dropin_factors(opts["dropin_factors"]),
+                               seed=opts["seed"]),
         callbacks=[JsonlLogger(Path(opts["output_dir"]) / "log.jsonl"), *(callbacks or [])],
         adapter_metadata={**metadata, "skills": skills, "run": run_id,
                           "training": {"data": str(opts["data"]), "command": train_command(options)},
-                          "skill_routing": opts["skill_routing"] or bool(metadata.get("skill_routing"))},
+                          "skill_routing": opts["skill_routing"] or bool(metadata.get("skill_routing")),
+                          **({"train_gates": "skills"} if gated or metadata.get("train_gates") == "skills" else {})},
     )
     finished = bool(resume) and _past_the_end(trainer, resume)
     return TrainingRun(trainer, model, tokenizer, train_set, eval_set, config, opts, skills, resume, run_id,
@@ -182,9 +192,10 @@ def _past_the_end(trainer: CSReftTrainer, resume: str) -> bool:
 
 
 def _check_skill_count(opts: dict, skills: list[str], config: CSReftConfig) -> None:
-    if opts["skill_routing"] and len(skills) > config.num_subspaces:
+    if (opts["skill_routing"] or opts["train_gates"] == "skills") and len(skills) > config.num_subspaces:
         raise ValueError(
-            f"--skill-routing: {len(skills)} skills ({', '.join(skills)}) but num_subspaces="
+            f"{'--skill-routing' if opts['skill_routing'] else '--train-gates skills'}: {len(skills)} skills "
+            f"({', '.join(skills)}) but num_subspaces="
             f"{config.num_subspaces}; each skill needs its own subspace"
         )
 
