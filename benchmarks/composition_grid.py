@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Composition on the grid suite: do a task and a style compose on cells never trained together?
+
+    python benchmarks/composition_grid.py [--output-dir runs/grid] [--split validation|test]
+        [--models base,loreft,lora,gated,layers,positions,dropin] [--steps 300] [--lr 3e-3]
+        [--lora-lr 3e-3] [--fit-examples 32] [--seed 0] [--eval-every 0]
+
+The suite (csreft.evaluation.grid): 5 tasks x 4 styles; each style is trained on two tasks'
+answers; held-out cells are scored on `--split` (validation cells for choosing a mechanism, test
+cells for the result; never both in one screening). Models, all on the same training records:
+  base       the frozen model;
+  loreft     one LoReFT edit of rank 9 r (the 9 subspaces' parameters), data-mixed, no gates;
+  lora       PEFT LoRA on q_proj, v_proj at the same parameter count, data-mixed;
+  gated      CS-ReFT, k = 9 (one subspace per skill), trained with --train-gates skills: a plain
+             task record under its task's gate, a seen-cell record under task + style;
+  layers     gated, tasks at the first two edited layers, styles at the last two (placement);
+  positions  gated, tasks at the first prompt positions, styles at the last (placement);
+  dropin     gated with --gate-dropin 0.25 (other subspaces on at -1 or 1, composable training).
+CS-ReFT models score held-out cells with the union of the cell's two skills (gate 1 each), and
+with per-layer weights of "the task" and "the style" fitted on --fit-examples composed records
+of the validation cells (CAT-style; with --split validation, 2-fold over those cells, so a
+cell's score never comes from weights fitted on it). Scores: exact, task right, style right
+(csreft.evaluation.grid), single skills (plain tasks; styles on their seen tasks), and removal:
+each single-skill record with one other skill's gate at -1. Writes OUTPUT_DIR/grid.json and
+grid.md; trained adapters are reused when their training key matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from csreft import CSReftConfig, CSReftModel, get_csreft_model  # noqa: E402
+from csreft.base_models import DEFAULT_MODEL, load_base  # noqa: E402
+from csreft.data import SupervisedDataset, pad_batch  # noqa: E402
+from csreft.evaluation.grid import STYLES, TASKS, grid_suite, summarise  # noqa: E402
+from csreft.generation import generate_texts  # noqa: E402
+from csreft.training.recipe import run as train_run  # noqa: E402
+
+MODELS = ("base", "loreft", "lora", "gated", "layers", "positions", "dropin")
+SKILLS = list(TASKS) + list(STYLES)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--output-dir", default="runs/grid")
+    p.add_argument("--split", choices=("validation", "test"), default="validation")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-skill", type=int, default=100)
+    p.add_argument("--test-per-skill", type=int, default=20)
+    p.add_argument("--cell-records", type=int, default=15, help="records per held-out cell")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the edit models")
+    p.add_argument("--lora-lr", type=float, default=3e-3)
+    p.add_argument("--layers", default="3,9,18,24")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--fit-examples", type=int, default=32, help="composed validation records for fitted weights (0: none)")
+    p.add_argument("--fit-steps", type=int, default=40)
+    p.add_argument("--max-length", type=int, default=128)
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        p.error(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+    return args
+
+
+def adapter_options(name: str, args, layers: list[int]) -> dict | None:
+    """csreft train options of an edit model (None: not an edit model)."""
+    early, late = ",".join(map(str, layers[:len(layers) // 2])), ",".join(map(str, layers[len(layers) // 2:]))
+    gated = dict(num_subspaces=len(SKILLS), train_gates="skills", use_router=True)
+    return {
+        "loreft": dict(num_subspaces=1, use_router=False, rank=args.rank * len(SKILLS)),
+        "gated": gated,
+        "layers": {**gated, "placement": f"{early}x{len(TASKS)};{late}x{len(STYLES)}"},
+        "positions": {**gated, "share_positions": False, "placement": f"{args.layers}@fx{len(TASKS)};{args.layers}@lx{len(STYLES)}"},
+        "dropin": {**gated, "gate_dropin": 0.25, "dropin_factors": "-1,1"},
+    }.get(name)
+
+
+def train_edits(name, args, out: Path, data: str, layers) -> Path:
+    opts = dict(model=args.model, data=data, output_dir=str(out / name), max_steps=args.steps,
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed, logging_steps=max(1, args.steps // 10),
+                max_length=args.max_length, layers=args.layers, rank=args.rank, positions="f7+l7")
+    opts.update(adapter_options(name, args, layers))
+    key = {k: v for k, v in opts.items() if k != "output_dir"}
+    key_file, adapter = out / name / "grid-key.json", out / name / "adapter"
+    if key_file.exists() and json.loads(key_file.read_text()) == key and (adapter / "csreft_config.json").exists():
+        return adapter
+    train_run({**opts, "overwrite": True})
+    key_file.write_text(json.dumps(key))
+    return adapter
+
+
+def train_lora(base, tokenizer, args, records, out: Path, target: int):
+    """PEFT LoRA (q_proj, v_proj) at about `target` parameters on the shuffled records."""
+    from peft import LoraConfig, get_peft_model
+
+    from csreft.comparison.options import CompareOptions
+    from csreft.comparison.runner import _train, lora_rank_for, training_stream
+
+    rank = lora_rank_for(base, target)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    opts = CompareOptions(batch_size=args.batch_size, max_length=args.max_length, output_dir=str(out))
+    seconds = _train(model, tokenizer, training_stream(records, args.steps * args.batch_size, args.seed), opts,
+                     args.seed, out / "lora", args.lora_lr, lora=True)
+    return model, rank, seconds
+
+
+def generate(model, tokenizer, records, max_new_tokens, gates=None) -> list[str]:
+    return generate_texts(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
+                          gates=gates, batch_size=16)
+
+
+def union_gates(records, k=len(SKILLS)) -> torch.Tensor:
+    g = torch.zeros(len(records), k)
+    for i, r in enumerate(records):
+        g[i, [SKILLS.index(s) for s in r["skills"]]] = 1.0
+    return g
+
+
+def role_gates(records, weights: torch.Tensor) -> torch.Tensor:
+    """(N, layers, k) gates: at each layer l the task's subspace at weights[l, 0], the style's at
+    weights[l, 1] (differentiable in weights)."""
+    task = torch.zeros(len(records), len(SKILLS))
+    style = torch.zeros(len(records), len(SKILLS))
+    for i, r in enumerate(records):
+        task[i, SKILLS.index(r["task"])] = 1.0
+        style[i, SKILLS.index(r["style"])] = 1.0
+    return task[:, None, :] * weights[None, :, 0:1] + style[:, None, :] * weights[None, :, 1:2]
+
+
+def fit_weights(model, tokenizer, records, steps: int, max_length: int) -> torch.Tensor:
+    """Per-layer (task, style) gate weights that minimise the response loss on composed records
+    (everything else frozen), from 1, 1 at every layer."""
+    records = [r for r in records if SupervisedDataset([r], tokenizer, max_length).examples]  # as trained: not cut
+    if not records:
+        raise ValueError(f"no composed record fits in --max-length {max_length}")
+    batch = pad_batch(SupervisedDataset(records, tokenizer, max_length).examples, tokenizer.pad_token_id)
+    weights = torch.ones(len(model.csreft_config.layers), 2, requires_grad=True)
+    opt = torch.optim.Adam([weights], lr=0.05)
+    for _ in range(steps):
+        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "prompt_starts", "prompt_lengths")},
+                     gates=role_gates(records, weights)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return weights.detach()
+
+
+def removal(model, tokenizer, records, max_new_tokens, seed) -> dict:
+    """Single-skill records under their own gates, then with one other skill's gate at -1."""
+    own = union_gates(records)
+    rng = random.Random(f"{seed}:removal")
+    minus = own.clone()
+    for i, r in enumerate(records):
+        others = [j for j, s in enumerate(SKILLS) if s not in r["skills"]]
+        minus[i, rng.choice(others)] = -1.0
+    a = summarise(records, generate(model, tokenizer, records, max_new_tokens, own))["all"]["exact"]
+    b = summarise(records, generate(model, tokenizer, records, max_new_tokens, minus))["all"]["exact"]
+    return {"own": a, "other_at_minus_1": b, "drop": a - b}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_cell = args.cell_records
+    suite = grid_suite(args.seed, args.train_per_skill, args.test_per_skill, composed=8 * per_cell,
+                       validation=4 * per_cell)
+    held = suite.validation if args.split == "validation" else suite.composed
+    data = out / "train.jsonl"
+    data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "response", "answer", "skill", "skills")}) + "\n"
+                            for r in suite.train))
+    base, tokenizer = load_base(args.model or DEFAULT_MODEL)
+    max_new = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in suite.train + held) + 4
+    layers = [int(x) for x in args.layers.split(",")]
+    results = json.loads((out / "grid.json").read_text()).get("models", {}) if (out / "grid.json").exists() else {}
+    report = {"args": vars(args), "cells": suite.info["cells"], "models": results}
+    for name in args.models:
+        started = time.time()
+        row = {"split": args.split}
+        if name == "base":
+            model = base
+        elif name == "lora":  # at the parameter count of the 9 subspaces' edits
+            probe = get_csreft_model(base, CSReftConfig(layers=layers, rank=args.rank, num_subspaces=len(SKILLS)))
+            target = probe.trainable_parameters()["edits"]
+            probe.remove_hooks()
+            model, row["lora_rank"], row["train_seconds"] = train_lora(base, tokenizer, args, suite.train, out, target)
+        else:
+            adapter = train_edits(name, args, out, str(data), layers)
+            model = CSReftModel.from_pretrained(base, adapter).eval()
+        gated = name not in ("base", "loreft", "lora")
+        test_gates = union_gates(suite.test) if gated else None
+        row["single"] = summarise(suite.test, generate(model, tokenizer, suite.test, max_new, test_gates))
+        row["union"] = summarise(held, generate(model, tokenizer, held, max_new, union_gates(held) if gated else None))
+        if gated:
+            row["removal"] = removal(model, tokenizer, suite.test, max_new, args.seed)
+        if gated and args.fit_examples:
+            row["fitted"] = fitted(model, tokenizer, suite, held, args, max_new)
+        row["seconds"] = round(time.time() - started, 1)
+        results[name] = row
+        if name == "lora":
+            base = model.unload()
+        elif isinstance(model, CSReftModel):
+            model.remove_hooks()
+        (out / "grid.json").write_text(json.dumps(report, indent=1))
+        print(f"[grid] {name}: single {row['single']['all']['exact']:.3f}, held-out exact "
+              f"{row['union']['all']['exact']:.3f} task {row['union']['all']['task']:.3f} style "
+              f"{row['union']['all']['style']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr)
+    (out / "grid.md").write_text(table(report))
+    print(table(report))
+    return report
+
+
+def fitted(model, tokenizer, suite, held, args, max_new) -> dict:
+    """Fitted per-layer (task, style) weights: on the validation cells for the test cells; with
+    --split validation, 2-fold over the validation cells (fit on two, score the other two)."""
+    val = suite.validation
+    cells = sorted({r["cell"] for r in val})
+    if args.split == "test":
+        folds = [(val, held)]
+    else:
+        halves = [set(cells[0::2]), set(cells[1::2])]
+        folds = [([r for r in val if r["cell"] in h], [r for r in val if r["cell"] not in h]) for h in halves]
+    records, outputs, weights = [], [], []
+    for fit_on, score_on in folds:
+        rng = random.Random(f"{args.seed}:fit")
+        sample = rng.sample(fit_on, min(args.fit_examples, len(fit_on)))
+        w = fit_weights(model, tokenizer, sample, args.fit_steps, args.max_length)
+        weights.append(w.tolist())
+        records += score_on
+        outputs += generate(model, tokenizer, score_on, max_new, role_gates(score_on, w))
+    return {**summarise(records, outputs), "weights": weights}
+
+
+def table(report) -> str:
+    lines = [f"Grid composition ({report['args']['split']} cells: "
+             f"{', '.join(report['cells'][report['args']['split'] if report['args']['split'] == 'validation' else 'test'])})",
+             "", "| model | single skills | held-out exact | task right | style right | fitted exact | removal drop |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in report["models"].items():
+        u = row["union"]["all"]
+        fit = f"{row['fitted']['all']['exact']:.3f}" if "fitted" in row else "n/a"
+        rem = f"{row['removal']['drop']:+.3f}" if "removal" in row else "n/a"
+        lines.append(f"| {name} | {row['single']['all']['exact']:.3f} | {u['exact']:.3f} | {u['task']:.3f} | "
+                     f"{u['style']:.3f} | {fit} | {rem} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""benchmarks/composition_grid.py: gates of a cell, fitted per-layer weights, an end-to-end run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import randomize_edits
+from csreft import CSReftConfig, get_csreft_model
+from csreft.base_models import load_base
+from csreft.evaluation.grid import grid_suite
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "composition_grid.py"
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("csreft_grid_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_role_gates_at_one_are_the_union_of_the_cell():
+    module = load_module()
+    held = grid_suite(train_per_skill=0, test_per_skill=0, composed=8, validation=0).composed
+    union = module.union_gates(held)
+    assert union.sum(1).tolist() == [2.0] * 8
+    for row, rec in zip(union, held):
+        assert {module.SKILLS[j] for j in row.nonzero().flatten().tolist()} == {rec["task"], rec["style"]}
+    weights = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.5, 2.0]])
+    layered = module.role_gates(held, weights)
+    assert torch.equal(layered[:, :2], union[:, None].expand(8, 2, -1))
+    rec = held[0]
+    assert layered[0, 2, module.SKILLS.index(rec["task"])] == 0.5 and layered[0, 2, module.SKILLS.index(rec["style"])] == 2.0
+
+
+def test_fitted_weights_lower_the_loss_of_their_examples(tiny_model_dir):
+    module = load_module()
+    base, tok = load_base(str(tiny_model_dir))
+    model = get_csreft_model(base, CSReftConfig(layers=[1, 2], rank=2, num_subspaces=9, positions="f3+l3"))
+    randomize_edits(model, 0.3)
+    records = grid_suite(train_per_skill=0, test_per_skill=0, composed=0, validation=8).validation
+
+    def loss(weights):
+        from csreft.data import SupervisedDataset, pad_batch
+        batch = pad_batch(SupervisedDataset(records, tok, 256).examples, tok.pad_token_id)
+        with torch.no_grad():
+            return model(**batch, gates=module.role_gates(records, weights)).loss.item()
+
+    weights = module.fit_weights(model, tok, records, steps=15, max_length=256)
+    assert weights.shape == (2, 2) and loss(weights) < loss(torch.ones(2, 2)) - 1e-3
+    assert all(p.grad is None for p in model.base_model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
+    module = load_module()
+    out = tmp_path / "grid"
+    argv = ["--model", str(tiny_model_dir), "--output-dir", str(out), "--train-per-skill", "4", "--test-per-skill", "2",
+            "--cell-records", "2", "--steps", "2", "--batch-size", "4", "--layers", "0,1,2,3", "--rank", "2",
+            "--fit-examples", "4", "--fit-steps", "2", "--max-length", "256"]
+    report = module.main(argv)
+    rows = report["models"]
+    assert set(rows) == set(module.MODELS)
+    val_cells = set(report["cells"]["validation"])
+    for name, row in rows.items():
+        assert set(row["union"]["cells"]) == val_cells, name  # --split validation: validation cells only
+        assert row["single"]["all"]["n"] == 2 * 9
+        assert ("removal" in row) == ("fitted" in row) == (name not in ("base", "loreft", "lora"))
+    assert set(rows["gated"]["fitted"]["cells"]) == val_cells and len(rows["gated"]["fitted"]["weights"]) == 2
+    assert rows["lora"]["lora_rank"] >= 1
+    placed = json.loads((out / "layers" / "adapter" / "csreft_config.json").read_text())["csreft_config"]
+    assert placed["placement"] == "0,1x5;2,3x4" and placed["num_subspaces"] == 9
+    positions = json.loads((out / "positions" / "adapter" / "csreft_config.json").read_text())["csreft_config"]
+    assert positions["placement"] == "0,1,2,3@fx5;0,1,2,3@lx4" and positions["share_positions"] is False
+    assert "| gated |" in (out / "grid.md").read_text()
+    # a second run reuses the adapters (same training key) and can score the test cells
+    adapter = out / "gated" / "adapter" / "csreft_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    test = module.main(argv + ["--split", "test", "--models", "gated"])
+    assert adapter.stat().st_mtime_ns == before
+    assert set(test["models"]["gated"]["union"]["cells"]) == set(test["cells"]["test"])
