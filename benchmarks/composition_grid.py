@@ -46,7 +46,7 @@ from csreft.generation import generate_texts  # noqa: E402
 from csreft.training.recipe import run as train_run  # noqa: E402
 
 MODELS = ("base", "loreft", "lora", "gated", "layers", "positions", "dropin")
-SKILLS = list(TASKS) + list(STYLES)
+SKILLS = sorted(TASKS + STYLES)  # subspace i of a --train-gates skills adapter is the i-th sorted skill
 
 
 def parse_args(argv=None):
@@ -79,12 +79,17 @@ def parse_args(argv=None):
 def adapter_options(name: str, args, layers: list[int]) -> dict | None:
     """csreft train options of an edit model (None: not an edit model)."""
     early, late = ",".join(map(str, layers[:len(layers) // 2])), ",".join(map(str, layers[len(layers) // 2:]))
+    every = ",".join(map(str, layers))
     gated = dict(num_subspaces=len(SKILLS), train_gates="skills", use_router=True)
+
+    def placed(task_site: str, style_site: str) -> str:  # one entry per subspace, in SKILLS order
+        return ";".join(task_site if s in TASKS else style_site for s in SKILLS)
+
     return {
         "loreft": dict(num_subspaces=1, use_router=False, rank=args.rank * len(SKILLS)),
         "gated": gated,
-        "layers": {**gated, "placement": f"{early}x{len(TASKS)};{late}x{len(STYLES)}"},
-        "positions": {**gated, "share_positions": False, "placement": f"{args.layers}@fx{len(TASKS)};{args.layers}@lx{len(STYLES)}"},
+        "layers": {**gated, "placement": placed(early, late)},
+        "positions": {**gated, "share_positions": False, "placement": placed(f"{every}@f", f"{every}@l")},
         "dropin": {**gated, "gate_dropin": 0.25, "dropin_factors": "-1,1"},
     }.get(name)
 
@@ -202,6 +207,8 @@ def main(argv=None) -> dict:
         else:
             adapter = train_edits(name, args, out, str(data), layers)
             model = CSReftModel.from_pretrained(base, adapter).eval()
+            if name != "loreft" and model.skill_names != SKILLS:
+                raise RuntimeError(f"{adapter}: subspaces {model.skill_names}, expected {SKILLS}")
         gated = name not in ("base", "loreft", "lora")
         test_gates = union_gates(suite.test) if gated else None
         row["single"] = summarise(suite.test, generate(model, tokenizer, suite.test, max_new, test_gates))

@@ -72,9 +72,12 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     assert set(rows["gated"]["fitted"]["cells"]) == val_cells and len(rows["gated"]["fitted"]["weights"]) == 2
     assert rows["lora"]["lora_rank"] >= 1
     placed = json.loads((out / "layers" / "adapter" / "csreft_config.json").read_text())["csreft_config"]
-    assert placed["placement"] == "0,1x5;2,3x4" and placed["num_subspaces"] == 9
+    tasks_first = {"add": "0,1", "bullet": "2,3", "json": "2,3", "last": "0,1", "max": "0,1", "prefix": "2,3",
+                   "sentiment": "0,1", "signoff": "2,3", "sort": "0,1"}  # sorted skills: subspace order
+    assert placed["placement"] == ";".join(tasks_first.values()) and placed["num_subspaces"] == 9
     positions = json.loads((out / "positions" / "adapter" / "csreft_config.json").read_text())["csreft_config"]
-    assert positions["placement"] == "0,1,2,3@fx5;0,1,2,3@lx4" and positions["share_positions"] is False
+    assert positions["placement"] == ";".join("0,1,2,3@f" if v == "0,1" else "0,1,2,3@l" for v in tasks_first.values())
+    assert positions["share_positions"] is False
     assert "| gated |" in (out / "grid.md").read_text()
     # a second run reuses the adapters (same training key) and can score the test cells
     adapter = out / "gated" / "adapter" / "csreft_model.safetensors"
