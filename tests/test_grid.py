@@ -115,3 +115,17 @@ def test_bad_sizes_name_the_problem():
 def test_get_suite_builds_the_grid():
     assert get_suite("grid", train_per_skill=4, test_per_skill=2, composed=8).composed == \
         grid_suite(train_per_skill=4, test_per_skill=2, composed=8).composed
+
+
+def test_compare_runs_on_the_grid_with_multi_skill_records(tmp_path, tiny_model_dir):
+    from csreft.comparison.options import CompareOptions
+    from csreft.comparison.runner import compare
+
+    opts = CompareOptions(suite="grid", seeds=1, max_steps=2, batch_size=4, lr=1e-2, rank=2, layers=[1, 2],
+                          positions="f2+l2", router_hidden=16, train_per_skill=4, test_per_skill=2, composed=8,
+                          methods="base,csreft_supervised", eval_batch_size=8, model=str(tiny_model_dir),
+                          output_dir=str(tmp_path / "grid"), max_length=128, quiet=True)
+    r = compare(opts)
+    sup = r["methods"]["csreft_supervised"]
+    assert r["suite"] == "grid" and set(sup["per_skill"]) == set(TASKS) | set(STYLES)
+    assert sup["composed_accuracy"] is not None and r["sizes"]["composed"] == 8
