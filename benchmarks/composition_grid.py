@@ -11,6 +11,10 @@ cells for the result; never both in one screening). Models, all on the same trai
   base       the frozen model;
   loreft     one LoReFT edit of rank 9 r (the 9 subspaces' parameters), data-mixed, no gates;
   lora       PEFT LoRA on q_proj, v_proj at the same parameter count, data-mixed;
+  lora-merge one LoRA per skill (a task's on its plain records, a style's on its seen cells, each
+             its share of the joint budget's examples), a cell = its two LoRAs merged by PEFT's
+             add_weighted_adapter (linear, cat, ties; weights (1, 1) as "union", or the pair of
+             MERGE_WEIGHTS best on validation cells, 2-fold over them when screening);
   gated      CS-ReFT, k = 9 (one subspace per skill), trained with --train-gates skills: a plain
              task record under its task's gate, a seen-cell record under task + style;
   layers     gated, tasks at the first two edited layers, styles at the last two (placement);
@@ -41,11 +45,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from csreft import CSReftConfig, CSReftModel, get_csreft_model  # noqa: E402
 from csreft.base_models import DEFAULT_MODEL, load_base  # noqa: E402
 from csreft.data import SupervisedDataset, pad_batch  # noqa: E402
-from csreft.evaluation.grid import STYLES, TASKS, grid_suite, summarise  # noqa: E402
+from csreft.evaluation.grid import STYLES, TASKS, grid_scores, grid_suite, summarise  # noqa: E402
 from csreft.generation import generate_texts  # noqa: E402
 from csreft.training.recipe import run as train_run  # noqa: E402
 
-MODELS = ("base", "loreft", "lora", "gated", "layers", "positions", "dropin")
+MODELS = ("base", "loreft", "lora", "lora-merge", "gated", "layers", "positions", "dropin")
+MERGES = ("linear", "cat", "ties")  # PEFT add_weighted_adapter combination types
+MERGE_WEIGHTS = ((1.0, 1.0), (0.5, 0.5), (1.0, 0.5), (0.5, 1.0))
 SKILLS = sorted(TASKS + STYLES)  # subspace i of a --train-gates skills adapter is the i-th sorted skill
 
 
@@ -108,7 +114,7 @@ def train_edits(name, args, out: Path, data: str, layers) -> Path:
     return adapter
 
 
-def train_lora(base, tokenizer, args, records, out: Path, target: int):
+def train_lora(base, tokenizer, args, records, out: Path, target: int, steps: int | None = None):
     """PEFT LoRA (q_proj, v_proj) at about `target` parameters on the shuffled records."""
     from peft import LoraConfig, get_peft_model
 
@@ -119,9 +125,89 @@ def train_lora(base, tokenizer, args, records, out: Path, target: int):
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     opts = CompareOptions(batch_size=args.batch_size, max_length=args.max_length, output_dir=str(out))
-    seconds = _train(model, tokenizer, training_stream(records, args.steps * args.batch_size, args.seed), opts,
-                     args.seed, out / "lora", args.lora_lr, lora=True)
+    stream = training_stream(records, (steps or args.steps) * args.batch_size, args.seed)
+    seconds = _train(model, tokenizer, stream, opts, args.seed, out / "lora", args.lora_lr, lora=True)
     return model, rank, seconds
+
+
+def lora_merge(base, tokenizer, args, suite, held, out: Path, target: int, max_new: int) -> tuple[dict, object]:
+    """Per-skill LoRAs, merged per cell; returns (the row, the base with no adapter left)."""
+    from peft import PeftModel
+
+    steps = max(1, round(args.steps / len(SKILLS)))  # each skill's share of the joint run's examples
+    key = {"steps": steps, "lr": args.lora_lr, "seed": args.seed, "target": target,
+           "train_per_skill": args.train_per_skill, "model": args.model}
+    from csreft.comparison.runner import lora_rank_for
+
+    row, seconds = {"lora_steps_per_skill": steps, "lora_rank": lora_rank_for(base, target)}, 0.0
+    for skill in SKILLS:
+        where = out / "lora-skills" / skill
+        if (where / "grid-key.json").exists() and json.loads((where / "grid-key.json").read_text()) == key:
+            continue
+        model, _, t = train_lora(base, tokenizer, args, [r for r in suite.train if r["skill"] == skill],
+                                 where, target, steps)
+        seconds += t
+        model.save_pretrained(where)
+        base = model.unload()
+        (where / "grid-key.json").write_text(json.dumps(key))
+    row["train_seconds"] = seconds
+    model = PeftModel.from_pretrained(base, out / "lora-skills" / SKILLS[0], adapter_name=SKILLS[0])
+    for skill in SKILLS[1:]:
+        model.load_adapter(out / "lora-skills" / skill, adapter_name=skill)
+    model.eval()
+    outputs = [None] * len(suite.test)
+    for skill in SKILLS:  # each skill alone: its own LoRA
+        mine = [i for i, r in enumerate(suite.test) if r["skill"] == skill]
+        model.set_adapter(skill)
+        for i, text in zip(mine, generate(model, tokenizer, [suite.test[i] for i in mine], max_new)):
+            outputs[i] = text
+    row["single"] = summarise(suite.test, outputs)
+
+    def merged(records, kind, weights) -> list[str]:
+        texts = []
+        for cell in sorted({r["cell"] for r in records}):
+            mine = [r for r in records if r["cell"] == cell]
+            name = f"merge-{cell}"
+            model.add_weighted_adapter([mine[0]["task"], mine[0]["style"]], list(weights), name, combination_type=kind,
+                                       density=0.5 if "ties" in kind else None)
+            model.set_adapter(name)
+            texts += [(r, o) for r, o in zip(mine, generate(model, tokenizer, mine, max_new))]
+            model.delete_adapter(name)
+        return texts
+
+    for kind in MERGES:
+        scored = {w: merged(held, kind, w) for w in MERGE_WEIGHTS}
+        ones = scored[MERGE_WEIGHTS[0]]
+        row[f"union-{kind}"] = summarise([r for r, _ in ones], [o for _, o in ones])
+        row[f"fitted-{kind}"] = chosen_merge(held, suite.validation, scored, args,
+                                             lambda recs, w: merged(recs, kind, w))
+    best = max(MERGES, key=lambda k: row[f"union-{k}"]["all"]["exact"])
+    row["union"], row["union_kind"] = row[f"union-{best}"], best
+    fitted_best = max(MERGES, key=lambda k: row[f"fitted-{k}"]["all"]["exact"])
+    row["fitted"], row["fitted_kind"] = row[f"fitted-{fitted_best}"], fitted_best
+    return row, model.unload()
+
+
+def chosen_merge(held, val, scored, args, run) -> dict:
+    """Merge weights chosen on validation cells: for the test cells, the pair best on all of them;
+    when `held` is the validation cells, 2-fold over them (a cell is scored with the pair best on
+    the other half)."""
+    def exact(pairs, cells):
+        rows = [(r, o) for r, o in pairs if r["cell"] in cells]
+        return sum(grid_scores(r, o)["exact"] for r, o in rows) / max(1, len(rows))
+
+    cells = sorted({r["cell"] for r in val})
+    if args.split == "test":
+        on_val = {w: run(val, w) for w in MERGE_WEIGHTS}
+        best = max(MERGE_WEIGHTS, key=lambda w: exact(on_val[w], set(cells)))
+        pairs, chosen = scored[best], [best]
+    else:
+        pairs, chosen = [], []
+        for half in (set(cells[0::2]), set(cells[1::2])):
+            best = max(MERGE_WEIGHTS, key=lambda w: exact(scored[w], half))
+            pairs += [(r, o) for r, o in scored[best] if r["cell"] not in half]
+            chosen.append(best)
+    return {**summarise([r for r, _ in pairs], [o for _, o in pairs]), "weights": chosen}
 
 
 def generate(model, tokenizer, records, max_new_tokens, gates=None) -> list[str]:
@@ -199,17 +285,23 @@ def main(argv=None) -> dict:
         row = {"split": args.split}
         if name == "base":
             model = base
-        elif name == "lora":  # at the parameter count of the 9 subspaces' edits
+        elif name in ("lora", "lora-merge"):  # at the parameter count of the 9 subspaces' edits
             probe = get_csreft_model(base, CSReftConfig(layers=layers, rank=args.rank, num_subspaces=len(SKILLS)))
             target = probe.trainable_parameters()["edits"]
             probe.remove_hooks()
+            if name == "lora-merge":
+                merged_row, base = lora_merge(base, tokenizer, args, suite, held, out, target // len(SKILLS), max_new)
+                row.update(merged_row)
+                results[name] = {**row, "seconds": round(time.time() - started, 1)}
+                (out / "grid.json").write_text(json.dumps(report, indent=1))
+                continue
             model, row["lora_rank"], row["train_seconds"] = train_lora(base, tokenizer, args, suite.train, out, target)
         else:
             adapter = train_edits(name, args, out, str(data), layers)
             model = CSReftModel.from_pretrained(base, adapter).eval()
             if name != "loreft" and model.skill_names != SKILLS:
                 raise RuntimeError(f"{adapter}: subspaces {model.skill_names}, expected {SKILLS}")
-        gated = name not in ("base", "loreft", "lora")
+        gated = name not in ("base", "loreft", "lora", "lora-merge")
         test_gates = union_gates(suite.test) if gated else None
         row["single"] = summarise(suite.test, generate(model, tokenizer, suite.test, max_new, test_gates))
         row["union"] = summarise(held, generate(model, tokenizer, held, max_new, union_gates(held) if gated else None))

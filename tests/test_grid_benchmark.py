@@ -68,9 +68,14 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     for name, row in rows.items():
         assert set(row["union"]["cells"]) == val_cells, name  # --split validation: validation cells only
         assert row["single"]["all"]["n"] == 2 * 9
-        assert ("removal" in row) == ("fitted" in row) == (name not in ("base", "loreft", "lora"))
+        assert ("removal" in row) == (name not in ("base", "loreft", "lora", "lora-merge")), name
+        assert ("fitted" in row) == (name not in ("base", "loreft", "lora")), name
     assert set(rows["gated"]["fitted"]["cells"]) == val_cells and len(rows["gated"]["fitted"]["weights"]) == 2
     assert rows["lora"]["lora_rank"] >= 1
+    merge = rows["lora-merge"]
+    assert {f"union-{k}" for k in module.MERGES} <= set(merge) and merge["union_kind"] in module.MERGES
+    assert set(merge["union-ties"]["cells"]) == val_cells and len(merge["fitted-cat"]["weights"]) == 2
+    assert sorted(p.name for p in (out / "lora-skills").iterdir()) == module.SKILLS
     placed = json.loads((out / "layers" / "adapter" / "csreft_config.json").read_text())["csreft_config"]
     tasks_first = {"add": "0,1", "bullet": "2,3", "json": "2,3", "last": "0,1", "max": "0,1", "prefix": "2,3",
                    "sentiment": "0,1", "signoff": "2,3", "sort": "0,1"}  # sorted skills: subspace order
