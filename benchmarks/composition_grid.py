@@ -303,8 +303,10 @@ def main(argv=None) -> dict:
                 raise RuntimeError(f"{adapter}: subspaces {model.skill_names}, expected {SKILLS}")
         gated = name not in ("base", "loreft", "lora", "lora-merge")
         test_gates = union_gates(suite.test) if gated else None
-        row["single"] = summarise(suite.test, generate(model, tokenizer, suite.test, max_new, test_gates))
-        row["union"] = summarise(held, generate(model, tokenizer, held, max_new, union_gates(held) if gated else None))
+        single = generate(model, tokenizer, suite.test, max_new, test_gates)
+        union = generate(model, tokenizer, held, max_new, union_gates(held) if gated else None)
+        row["single"], row["union"] = summarise(suite.test, single), summarise(held, union)
+        row["outputs"] = {"single": single, "union": union}  # in suite.test / held-out order
         if gated:
             row["removal"] = removal(model, tokenizer, suite.test, max_new, args.seed)
         if gated and args.fit_examples:
