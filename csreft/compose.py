@@ -38,7 +38,7 @@ from .gates import subspace_names
 from .integrity import adapter_name
 from .signatures import stack, unstack
 
-MUST_MATCH = ("positions", "share_positions", "intervention")
+MUST_MATCH = ("positions", "share_positions", "intervention", "edit_generated")
 ROUTER_OPTIONS = ("router_input", "router_head", "router_layer", "router_hidden", "gating", "threshold",
                   "top_k", "sparsity_weight", "balance_weight", "routing_loss_weight", "dropout", "routing",
                   "routing_temperature")
@@ -163,6 +163,7 @@ def library_config(adapters: list[dict], router: bool = True, **router_options) 
                         rank=max(a["config"].rank for a in adapters),
                         num_subspaces=sum(len(a["names"]) for a in adapters), positions=first.positions,
                         share_positions=first.share_positions, intervention=first.intervention,
+                        edit_generated=first.edit_generated,
                         orthogonal_subspaces=False, use_router=router, **router_options)
 
 

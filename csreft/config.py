@@ -69,6 +69,10 @@ class CSReftConfig:
         "help": "prompt positions edited: fN, lN, fN+lN (first/last N prompt tokens) or all"})
     share_positions: bool = field(default=True, metadata={
         "help": "one edit for first and last positions (true), or one each (overlaps then get both)"})
+    edit_generated: bool = field(default=False, metadata={
+        "help": "also edit the response: the tokens the model generates, and in training and scoring "
+                "the response tokens, with the edit of the last position group (styles act on the "
+                "output; costs a little decoding speed)"})
     intervention: str = field(default="loreft", metadata={
         "help": "the edit: loreft R^T(Wh + b - Rh), or direft R^T(Wh + b)", "choices": INTERVENTIONS})
     orthogonal_subspaces: bool = field(default=True, metadata={
@@ -158,7 +162,7 @@ class CSReftConfig:
                 raise bad("router_layer", "None (the first edited layer) or a layer index >= 0")
             if num_layers is not None and self.router_layer >= num_layers:
                 raise bad("router_layer", f"the base model has {num_layers} layers (indices 0..{num_layers - 1})")
-        for name in ("share_positions", "orthogonal_subspaces", "use_router"):
+        for name in ("share_positions", "orthogonal_subspaces", "use_router", "edit_generated"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false (a boolean, not a string or number)")
         parse_positions(self.positions)

@@ -54,6 +54,8 @@ class SubspaceEdits(nn.Module):
         self.weight = nn.Parameter(torch.empty(k * r, d))
         self.bias = nn.Parameter(torch.zeros(k * r))
         self.dropout = nn.Dropout(dropout)
+        self.keep_basis = False  # set by CSReftModel.generate(): the parameters cannot change there
+        self._kept: torch.Tensor | None = None
         if not self.reflectors.is_meta:  # a meta (shape-only) model has no values to set
             self.set_basis(torch.stack([nn.init.orthogonal_(torch.empty(shape[-2:])) for _ in range(k)])
                            if len(shape) == 3 else nn.init.orthogonal_(torch.empty(shape)))
@@ -61,8 +63,13 @@ class SubspaceEdits(nn.Module):
                 self.weight.copy_(self.stacked_basis().T)
 
     def basis(self) -> torch.Tensor:
-        """The orthonormal bases in X's shape: (d, k*r), or (k, d, r) when independent."""
-        return rotate(self.anchor, householder(self.reflectors))
+        """The orthonormal bases in X's shape: (d, k*r), or (k, d, r) when independent.
+        While keep_basis is set (one generate() call) it is computed once and reused."""
+        if self.keep_basis and self._kept is not None:
+            return self._kept
+        q = rotate(self.anchor, householder(self.reflectors))
+        self._kept = q if self.keep_basis else None
+        return q
 
     def stacked_basis(self) -> torch.Tensor:
         """Q = [R_1^T ... R_k^T], shape (d, k*r)."""

@@ -11,7 +11,9 @@ Per forward pass:
   3. a forward hook on every edited layer gathers the hidden states at the group's positions
      (B, P, d), adds the gated edits, and scatters them back; other positions are untouched.
 During generate(), edits apply to the prompt in the prefill pass only; decoding steps find no
-active context and cost what the base model costs.
+active context and cost what the base model costs. With edit_generated, the response is edited
+too: in a full-sequence pass its positions join the last position group, and each decoding
+step adds that group's gated edit to the new token, so generating computes what training saw.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class _Context:
         self.groups, self.starts, self.ends, self.seq_len = groups, starts, ends, seq_len
         self.once, self.route_only = once, route_only
         self.gates = self.probs = self.router_hidden = self.summary = None
-        self.keep_hidden = self.summary_only = False
+        self.keep_hidden = self.summary_only = self.decoding = False
         self._on_device = {}
 
     def on(self, device, shared: int = 0):
@@ -209,6 +211,8 @@ class CSReftModel(nn.Module):
         still use the last training pass's context; any other call runs the plain base.
         """
         ctx = self._ctx or (self._recompute_ctx if torch.is_grad_enabled() else None)
+        if ctx is not None and ctx.decoding:  # generate() with edit_generated, after the prefill
+            return ctx
         return ctx if ctx is not None and hidden.shape[1] == ctx.seq_len else None
 
     def _route_hook(self, module, args, kwargs):
@@ -306,6 +310,12 @@ class CSReftModel(nn.Module):
         if gates.dim() == 3:  # per-layer gates (B, layers, k)
             gates = gates[:, self._layer_index[layer]]
         mask = self._site_mask.get(layer)
+        if ctx.decoding:  # a generated token: the last position group's edit, as on the response in training
+            if hidden.shape[1] != 1:
+                raise RuntimeError("edit_generated decodes one token per step: generate with use_cache=True")
+            here = gates if mask is None else gates * mask[-1]
+            hidden = hidden + self.edits[layer][-1](hidden, here[:, None, :], delta_only=True)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         for g, (edit, (idx, valid)) in enumerate(zip(self.edits[layer], groups)):
             index = idx[..., None].expand(-1, -1, hidden.shape[-1])
             here = gates if mask is None else gates * mask[g]
@@ -315,8 +325,11 @@ class CSReftModel(nn.Module):
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _end_of_forward_hook(self, module, args, output):
-        if self._ctx is not None and self._ctx.once:
-            self._ctx = None  # generate(): the prompt (prefill) pass is done
+        if self._ctx is not None and self._ctx.once:  # generate(): the prompt (prefill) pass is done
+            if self.csreft_config.edit_generated and self._ctx.gates is not None:
+                self._ctx.decoding = True  # the generated tokens are edited too, one per step
+            else:
+                self._ctx = None
 
     # -- positions --------------------------------------------------------------------------
     def _context(self, input_ids, attention_mask, prompt_starts, prompt_lengths, labels, **kw):
@@ -342,6 +355,11 @@ class CSReftModel(nn.Module):
             ends = offset + n_real
         check_spans(starts - offset, ends - offset, n_real)  # no clamping of a span out of range
         groups = [edit_positions(seg, starts, ends, seq_len) for seg in self.csreft_config.position_groups]
+        if self.csreft_config.edit_generated:  # the response after the prompt: the last group's edit
+            idx, valid = groups[-1]
+            response = ends[:, None] + torch.arange(seq_len, device=device)
+            groups[-1] = (torch.cat([idx, response.clamp(0, seq_len - 1)], 1),
+                          torch.cat([valid, response < (offset + n_real)[:, None]], 1))
         return _Context(groups, starts, ends, seq_len, **kw)
 
     @staticmethod
@@ -459,12 +477,17 @@ class CSReftModel(nn.Module):
         """
         self._ctx = self._context(input_ids, attention_mask, prompt_starts, None, None, once=True)
         self._ctx.gates = self._explicit_gates(gates, skills, input_ids)
+        edits = [e for group in self.edits.values() for e in group]
         try:
+            for e in edits:  # no parameter changes during generation: each basis is computed once
+                e.keep_basis = True
             if self._route_first and self._ctx.gates is None:
                 self._route_before(self._ctx, input_ids, attention_mask)
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             self._ctx = None
+            for e in edits:
+                e.keep_basis, e._kept = False, None
 
     def _explicit_gates(self, gates, skills, input_ids) -> torch.Tensor | None:
         """(B, k) or per-layer (B, layers, k) gates that replace the router for this call, or

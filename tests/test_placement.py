@@ -112,3 +112,36 @@ def test_bad_per_layer_gates_and_placements_name_the_problem():
                       ("1;2;two", "LAYERS\\[@f\\|@l\\]\\[xN\\]")):
         with pytest.raises(ValueError, match=msg):
             CSReftConfig(layers=[1, 2], num_subspaces=3, placement=spec)
+
+
+def test_generated_tokens_are_edited_as_the_response_is_in_training():
+    """edit_generated: the logits of greedy decoding (one edited token per step) equal a
+    full-sequence pass over prompt + generated tokens with the response edited."""
+    model = make(edit_generated=True, positions="f2+l2", placement="1;2;1,2")
+    plain = same_edits(make(positions="f2+l2", placement="1;2;1,2"), model)
+    ids = ids_batch(2, 9)
+    with torch.no_grad():
+        gen = model.generate(ids, torch.ones_like(ids), gates=GATES, max_new_tokens=5, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+        full = gen.sequences
+        lengths = torch.full((2,), ids.shape[1])
+        teacher = model(full, prompt_lengths=lengths, gates=GATES).logits
+        step_logits = torch.stack(gen.scores, 1)  # (B, 5, V): predictions of tokens 9..13
+        assert (teacher[:, ids.shape[1] - 1:-1] - step_logits).abs().max() < 1e-4
+        # without edit_generated the response is left alone: the prompt logits agree, later ones not
+        other = plain(full, prompt_lengths=lengths, gates=GATES).logits
+        assert (other[:, :ids.shape[1]] - teacher[:, :ids.shape[1]]).abs().max() < 1e-6
+        assert (other[:, ids.shape[1]:] - teacher[:, ids.shape[1]:]).abs().max() > 1e-3
+        # gates 0 on every subspace: the base model, decoding included
+        zero = model.generate(ids, torch.ones_like(ids), gates=[0.0, 0.0, 0.0], max_new_tokens=5, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        base = model.base_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(zero, base)
+
+
+def test_generated_edits_need_one_token_per_step():
+    model = make(edit_generated=True)
+    ids = ids_batch(1, 9)
+    with pytest.raises(RuntimeError, match="use_cache=True"):
+        model.generate(ids, torch.ones_like(ids), max_new_tokens=2, use_cache=False, pad_token_id=0)
