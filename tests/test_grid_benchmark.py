@@ -83,6 +83,7 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     positions = json.loads((out / "positions" / "adapter" / "csreft_config.json").read_text())["csreft_config"]
     assert positions["placement"] == ";".join("0,1,2,3@f" if v == "0,1" else "0,1,2,3@l" for v in tasks_first.values())
     assert positions["share_positions"] is False
+    assert json.loads((out / "generated" / "adapter" / "csreft_config.json").read_text())["csreft_config"]["edit_generated"]
     assert "| gated |" in (out / "grid.md").read_text()
     # a second run reuses the adapters (same training key) and can score the test cells
     adapter = out / "gated" / "adapter" / "csreft_model.safetensors"
