@@ -13,8 +13,10 @@ cells for the result; never both in one screening). Models, all on the same trai
   lora       PEFT LoRA on q_proj, v_proj at the same parameter count, data-mixed;
   lora-merge one LoRA per skill (a task's on its plain records, a style's on its seen cells, each
              its share of the joint budget's examples), a cell = its two LoRAs merged by PEFT's
-             add_weighted_adapter (linear, cat, ties; weights (1, 1) as "union", or the pair of
-             MERGE_WEIGHTS best on validation cells, 2-fold over them when screening);
+             add_weighted_adapter: "union" = cat at weights (1, 1), fixed in advance (it adds the
+             two updates, as a gate union adds two edits; linear and ties at (1, 1) reported
+             too), "fitted" = the combination and weights best on validation cells (2-fold over
+             them when screening);
   gated      CS-ReFT, k = 9 (one subspace per skill), trained with --train-gates skills: a plain
              task record under its task's gate, a seen-cell record under task + style;
   layers     gated, tasks at the first two edited layers, styles at the last two (placement);
@@ -26,13 +28,15 @@ with per-layer weights of "the task" and "the style" fitted on --fit-examples co
 of the validation cells (CAT-style; with --split validation, 2-fold over those cells, so a
 cell's score never comes from weights fitted on it). Scores: exact, task right, style right
 (csreft.evaluation.grid), single skills (plain tasks; styles on their seen tasks), and removal:
-each single-skill record with one other skill's gate at -1. Writes OUTPUT_DIR/grid.json and
-grid.md; trained adapters are reused when their training key matches.
+each single-skill record with one other skill's gate at -1. Writes OUTPUT_DIR/grid-SPLIT.json
+and grid-SPLIT.md (one per split); trained adapters are reused when their training key (options
+and the training data's digest) matches.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -102,12 +106,16 @@ def adapter_options(name: str, args, layers: list[int]) -> dict | None:
     }.get(name)
 
 
+def digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def train_edits(name, args, out: Path, data: str, layers) -> Path:
     opts = dict(model=args.model, data=data, output_dir=str(out / name), max_steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, logging_steps=max(1, args.steps // 10),
                 max_length=args.max_length, layers=args.layers, rank=args.rank, positions="f7+l7")
     opts.update(adapter_options(name, args, layers))
-    key = {k: v for k, v in opts.items() if k != "output_dir"}
+    key = {**{k: v for k, v in opts.items() if k != "output_dir"}, "data_sha256": digest(data)}
     key_file, adapter = out / name / "grid-key.json", out / name / "adapter"
     if key_file.exists() and json.loads(key_file.read_text()) == key and (adapter / "csreft_config.json").exists():
         return adapter
@@ -137,8 +145,8 @@ def lora_merge(base, tokenizer, args, suite, held, out: Path, target: int, max_n
     from peft import PeftModel
 
     steps = max(1, round(args.steps / len(SKILLS)))  # each skill's share of the joint run's examples
-    key = {"steps": steps, "lr": args.lora_lr, "seed": args.seed, "target": target,
-           "train_per_skill": args.train_per_skill, "model": args.model}
+    key = {"steps": steps, "lr": args.lora_lr, "seed": args.seed, "target": target, "model": args.model,
+           "batch_size": args.batch_size, "max_length": args.max_length, "data_sha256": digest(out / "train.jsonl")}
     from csreft.comparison.runner import lora_rank_for
 
     row, seconds = {"lora_steps_per_skill": steps, "lora_rank": lora_rank_for(base, target)}, 0.0
@@ -177,36 +185,33 @@ def lora_merge(base, tokenizer, args, suite, held, out: Path, target: int, max_n
             model.delete_adapter(name)
         return texts
 
-    for kind in MERGES:
-        scored = {w: merged(held, kind, w) for w in MERGE_WEIGHTS}
-        ones = scored[MERGE_WEIGHTS[0]]
+    choices = [(kind, w) for kind in MERGES for w in MERGE_WEIGHTS]
+    scored = {c: merged(held, *c) for c in choices}
+    for kind in MERGES:  # each combination at weights (1, 1)
+        ones = scored[(kind, MERGE_WEIGHTS[0])]
         row[f"union-{kind}"] = summarise([r for r, _ in ones], [o for _, o in ones])
-        row[f"fitted-{kind}"] = chosen_merge(held, suite.validation, scored, args,
-                                             lambda recs, w: merged(recs, kind, w))
-    best = max(MERGES, key=lambda k: row[f"union-{k}"]["all"]["exact"])
-    row["union"], row["union_kind"] = row[f"union-{best}"], best
-    fitted_best = max(MERGES, key=lambda k: row[f"fitted-{k}"]["all"]["exact"])
-    row["fitted"], row["fitted_kind"] = row[f"fitted-{fitted_best}"], fitted_best
+    row["union"] = row["union-cat"]  # fixed in advance: cat adds the two LoRAs' updates, as a gate union adds edits
+    row["fitted"] = chosen_merge(suite.validation, scored, args, lambda recs, c: merged(recs, *c))
     return row, model.unload()
 
 
-def chosen_merge(held, val, scored, args, run) -> dict:
-    """Merge weights chosen on validation cells: for the test cells, the pair best on all of them;
-    when `held` is the validation cells, 2-fold over them (a cell is scored with the pair best on
-    the other half)."""
+def chosen_merge(val, scored, args, run) -> dict:
+    """The merge (combination type, weights) chosen on validation cells: for the test cells, the
+    choice best on all of them; when `scored` holds the validation cells, 2-fold over them (a
+    cell is scored with the choice best on the other half)."""
     def exact(pairs, cells):
         rows = [(r, o) for r, o in pairs if r["cell"] in cells]
         return sum(grid_scores(r, o)["exact"] for r, o in rows) / max(1, len(rows))
 
     cells = sorted({r["cell"] for r in val})
     if args.split == "test":
-        on_val = {w: run(val, w) for w in MERGE_WEIGHTS}
-        best = max(MERGE_WEIGHTS, key=lambda w: exact(on_val[w], set(cells)))
+        on_val = {c: run(val, c) for c in scored}
+        best = max(scored, key=lambda c: exact(on_val[c], set(cells)))
         pairs, chosen = scored[best], [best]
     else:
         pairs, chosen = [], []
         for half in (set(cells[0::2]), set(cells[1::2])):
-            best = max(MERGE_WEIGHTS, key=lambda w: exact(scored[w], half))
+            best = max(scored, key=lambda c: exact(scored[c], half))
             pairs += [(r, o) for r, o in scored[best] if r["cell"] not in half]
             chosen.append(best)
     return {**summarise([r for r, _ in pairs], [o for _, o in pairs]), "weights": chosen}
@@ -278,9 +283,11 @@ def main(argv=None) -> dict:
     data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "response", "answer", "skill", "skills")}) + "\n"
                             for r in suite.train))
     base, tokenizer = load_base(args.model or DEFAULT_MODEL)
-    max_new = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in suite.train + held) + 4
+    max_new = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"])
+                  for r in suite.train + suite.validation) + 4  # never read off the test cells
     layers = [int(x) for x in args.layers.split(",")]
-    results = json.loads((out / "grid.json").read_text()).get("models", {}) if (out / "grid.json").exists() else {}
+    saved = out / f"grid-{args.split}.json"  # one file per split: a table never mixes them
+    results = json.loads(saved.read_text()).get("models", {}) if saved.exists() else {}
     report = {"args": vars(args), "cells": suite.info["cells"], "models": results}
     for name in args.models:
         started = time.time()
@@ -295,7 +302,7 @@ def main(argv=None) -> dict:
                 merged_row, base = lora_merge(base, tokenizer, args, suite, held, out, target // len(SKILLS), max_new)
                 row.update(merged_row)
                 results[name] = {**row, "seconds": round(time.time() - started, 1)}
-                (out / "grid.json").write_text(json.dumps(report, indent=1))
+                saved.write_text(json.dumps(report, indent=1))
                 continue
             model, row["lora_rank"], row["train_seconds"] = train_lora(base, tokenizer, args, suite.train, out, target)
         else:
@@ -319,11 +326,11 @@ def main(argv=None) -> dict:
             base = model.unload()
         elif isinstance(model, CSReftModel):
             model.remove_hooks()
-        (out / "grid.json").write_text(json.dumps(report, indent=1))
+        saved.write_text(json.dumps(report, indent=1))
         print(f"[grid] {name}: single {row['single']['all']['exact']:.3f}, held-out exact "
               f"{row['union']['all']['exact']:.3f} task {row['union']['all']['task']:.3f} style "
               f"{row['union']['all']['style']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr)
-    (out / "grid.md").write_text(table(report))
+    saved.with_suffix(".md").write_text(table(report))
     print(table(report))
     return report
 

@@ -97,7 +97,8 @@ def check_skill_labels(skill_labels, batch: int, k: int) -> torch.Tensor:
     """Skill labels: one integer per row in [-1, k) (-1: unlabelled), or (batch, k) 0/1 targets
     for rows with several skills (a row of -1: unlabelled)."""
     t = torch.as_tensor(skill_labels)
-    if t.is_floating_point() and t.dim() == 2:
+    if t.dim() == 2 and t.dtype != torch.bool and (t.is_floating_point() or t.shape[1] > 1):  # (B, 1): indices
+        t = t.float()
         if tuple(t.shape) != (batch, k):
             raise ValueError(f"skill_labels as targets must have shape ({batch}, {k}), got {_shape(t)}")
         rows_ok = ((t == 0) | (t == 1)).all(-1) | (t == -1).all(-1)

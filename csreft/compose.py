@@ -178,7 +178,9 @@ def fill_library(model, adapters: list[dict], seed: int = 0) -> tuple[list, dict
             for a in adapters:
                 n, r = len(a["names"]), a["config"].rank
                 found = a["edits"].get((int(layer), g))
-                blocks += [None if found is None else
+                sites = a["config"].placement_sites()  # a placed subspace is null (not untrained) elsewhere
+                blocks += [None if found is None or (sites and s < len(sites) and not (
+                               int(layer) in sites[s][0] and g in sites[s][1])) else
                            (found[0][:, s * r:(s + 1) * r], found[1][s * r:(s + 1) * r], found[2][s * r:(s + 1) * r])
                            for s in range(n)]
             fill_subspaces(edit, blocks, config.intervention == "loreft", seed)

@@ -240,7 +240,10 @@ class CSReftConfig:
             m = re.fullmatch(r"([\d,\s]+?)\s*(?:@\s*([a-z]+))?\s*(?:x\s*(\d+))?", entry)
             if not m:
                 raise bad(entry, "LAYERS[@f|@l][xN], e.g. 3,9 or 18,24@l or 3,9x4")
-            layers = [int(x) for x in m.group(1).replace(" ", "").split(",") if x]
+            parts = [x.strip() for x in m.group(1).split(",")]
+            if not all(x.isdigit() for x in parts):
+                raise bad(entry, "its layers are comma-separated indices such as 3,9")
+            layers = [int(x) for x in parts]
             if not layers or any(x not in self.layers for x in layers):
                 raise bad(entry, f"its layers must be among the edited layers {self.layers}")
             if m.group(2) is None:

@@ -330,8 +330,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     continue
                 self.truncated += 1
                 e["input_ids"], e["labels"] = e["input_ids"][:max_length], e["labels"][:max_length]
-            e["skill_label"] = index.get(rec.get("skill"), -1)
             e["skill_set"] = sorted({index[x] for x in rec.get("skills") or [rec.get("skill")] if x in index})
+            e["skill_label"] = index.get(rec.get("skill"), e["skill_set"][0] if len(e["skill_set"]) == 1 else -1)
             if isinstance(rec.get("answer"), str) and rec["answer"] and rec["answer"] in rec["response"]:
                 e["answer_mask"] = _answer_mask(tokenizer, rec, suffix, e["prompt_length"], len(e["input_ids"]))
             self.examples.append(e)
@@ -366,7 +366,8 @@ class Collator:
                    with `dropin` > 0 each other subspace, with that chance, at a factor drawn
                    from `factors` (the target unchanged: composable training);
       skill_ids (B,) otherwise (logged routing statistics only).
-    Drop-ins come from a generator seeded by `seed` (a resumed run draws them afresh)."""
+    Drop-ins come from a generator seeded by `seed`, the process rank and the DataLoader worker
+    (a resumed run draws them afresh)."""
 
     def __init__(self, pad_id: int, with_skills: bool = False, gates_from_skills: bool = False, k: int | None = None,
                  dropin: float = 0.0, factors=(-1.0, 1.0), seed: int = 0):
@@ -374,7 +375,16 @@ class Collator:
             raise ValueError("gates_from_skills needs k and excludes with_skills (explicit gates train no router)")
         self.pad_id, self.with_skills, self.gates_from_skills, self.k = pad_id, with_skills, gates_from_skills, k
         self.dropin, self.factors = float(dropin), torch.tensor([float(f) for f in factors])
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self._generator = seed, None
+
+    def _draws(self) -> torch.Generator:
+        """The drop-in generator of this process and DataLoader worker (created at first use)."""
+        if self._generator is None:
+            dist = torch.distributed
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            worker = torch.utils.data.get_worker_info()
+            self._generator = torch.Generator().manual_seed(self.seed + 1009 * rank + (worker.id + 1 if worker else 0))
+        return self._generator
 
     def _multi_hot(self, examples: list[dict], k: int) -> torch.Tensor:
         hot = torch.zeros(len(examples), k)
@@ -391,8 +401,8 @@ class Collator:
         if self.gates_from_skills:
             gates = self._multi_hot(examples, self.k)
             if self.dropin > 0:
-                on = (torch.rand(gates.shape, generator=self.generator) < self.dropin) & (gates == 0)
-                pick = torch.randint(len(self.factors), gates.shape, generator=self.generator)
+                on = (torch.rand(gates.shape, generator=self._draws()) < self.dropin) & (gates == 0)
+                pick = torch.randint(len(self.factors), gates.shape, generator=self._draws())
                 gates = torch.where(on, self.factors[pick], gates)
             batch["gates"] = gates
             batch["skill_ids"] = torch.tensor([e["skill_label"] for e in examples])

@@ -498,7 +498,7 @@ class CSReftModel(nn.Module):
                 return None
         k = self.csreft_config.num_subspaces
         return resolve_gates(gates, skills, self.skill_names, k, input_ids.shape[0],
-                             len(self.csreft_config.layers))
+                             len(self.csreft_config.layers)).to(input_ids.device)
 
     def trainable_parameters(self) -> dict:
         """Counts of trainable numbers: edits, router, total, and percent of the base model."""

@@ -85,6 +85,7 @@ def test_training_under_skill_gates_learns_each_skill_in_its_subspace(tmp_path, 
     fit(run)
     model = run.model.eval()
     assert all(torch.equal(v, router[k]) for k, v in model.router.state_dict().items())  # no router training
+    assert not any(p.requires_grad for p in model.router.parameters())  # (DDP waits for no gradient of it)
     assert all(torch.equal(v, base[k]) for k, v in model.base_model.state_dict().items())
     meta = json.loads((tmp_path / "out" / "adapter" / "csreft_config.json").read_text())["metadata"]
     assert meta["train_gates"] == "skills" and meta["skills"] == ["double", "first", "reverse"]
@@ -103,5 +104,20 @@ def test_training_under_skill_gates_learns_each_skill_in_its_subspace(tmp_path, 
 def test_train_gates_needs_a_skill_on_every_record(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a b", "response": "c", "skill": "x"},
                                                   {"prompt": "d e", "response": "f"}])
-    with pytest.raises(ValueError, match=r"training example 2 of .*mixed.jsonl has no 'skill' or 'skills'"):
+    with pytest.raises(ValueError, match=r"record 2 of .*mixed.jsonl has no 'skill' or 'skills'"):
         build(options(tmp_path, tiny_model_dir, data=str(data), train_gates="skills", num_subspaces=1))
+
+
+def test_single_skill_lists_are_labelled_and_integer_targets_accepted():
+    from csreft.checks import check_skill_labels
+    from csreft.data import SupervisedDataset
+    from conftest import tiny_tokenizer
+
+    data = SupervisedDataset([{"prompt": "a b", "response": "c", "skills": ["y"]},
+                              {"prompt": "d e", "response": "f", "skill": "x"}], tiny_tokenizer(), 64, ["x", "y"])
+    assert [e["skill_label"] for e in data.examples] == [1, 0]
+    targets = check_skill_labels(torch.tensor([[1, 0, 1], [0, 1, 0]]), 2, 3)
+    assert targets.dtype == torch.float32 and targets.tolist() == [[1, 0, 1], [0, 1, 0]]
+    assert check_skill_labels(torch.tensor([[2], [0]]), 2, 3).tolist() == [2, 0]  # (B, 1): indices
+    with pytest.raises(ValueError, match="0 or 1 per subspace"):
+        check_skill_labels(torch.tensor([[2.0, 0, 0], [0, 1, 0]]), 2, 3)

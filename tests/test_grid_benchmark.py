@@ -73,8 +73,9 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     assert set(rows["gated"]["fitted"]["cells"]) == val_cells and len(rows["gated"]["fitted"]["weights"]) == 2
     assert rows["lora"]["lora_rank"] >= 1
     merge = rows["lora-merge"]
-    assert {f"union-{k}" for k in module.MERGES} <= set(merge) and merge["union_kind"] in module.MERGES
-    assert set(merge["union-ties"]["cells"]) == val_cells and len(merge["fitted-cat"]["weights"]) == 2
+    assert {f"union-{k}" for k in module.MERGES} <= set(merge) and merge["union"] == merge["union-cat"]
+    assert set(merge["union-ties"]["cells"]) == val_cells and len(merge["fitted"]["weights"]) == 2
+    assert all(kind in module.MERGES for kind, _ in merge["fitted"]["weights"])
     assert sorted(p.name for p in (out / "lora-skills").iterdir()) == module.SKILLS
     placed = json.loads((out / "layers" / "adapter" / "csreft_config.json").read_text())["csreft_config"]
     tasks_first = {"add": "0,1", "bullet": "2,3", "json": "2,3", "last": "0,1", "max": "0,1", "prefix": "2,3",
@@ -84,10 +85,12 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     assert positions["placement"] == ";".join("0,1,2,3@f" if v == "0,1" else "0,1,2,3@l" for v in tasks_first.values())
     assert positions["share_positions"] is False
     assert json.loads((out / "generated" / "adapter" / "csreft_config.json").read_text())["csreft_config"]["edit_generated"]
-    assert "| gated |" in (out / "grid.md").read_text()
+    assert "| gated |" in (out / "grid-validation.md").read_text()
     # a second run reuses the adapters (same training key) and can score the test cells
     adapter = out / "gated" / "adapter" / "csreft_model.safetensors"
     before = adapter.stat().st_mtime_ns
     test = module.main(argv + ["--split", "test", "--models", "gated"])
     assert adapter.stat().st_mtime_ns == before
+    assert set(test["models"]) == {"gated"}  # the validation rows stay in grid-validation.json
     assert set(test["models"]["gated"]["union"]["cells"]) == set(test["cells"]["test"])
+    assert set(json.loads((out / "grid-validation.json").read_text())["models"]) == set(module.MODELS)

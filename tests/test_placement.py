@@ -145,3 +145,21 @@ def test_generated_edits_need_one_token_per_step():
     ids = ids_batch(1, 9)
     with pytest.raises(RuntimeError, match="use_cache=True"):
         model.generate(ids, torch.ones_like(ids), max_new_tokens=2, use_cache=False, pad_token_id=0)
+
+
+def test_a_placed_adapter_composes_with_its_placement(tmp_path):
+    """Sites a subspace is placed away from hold untrained (non-null) weights; a library made
+    from the adapter leaves them out, so it computes what the placed adapter computes."""
+    placed = make(placement="1;2;1,2")  # randomize_edits gave every site, placed or not, weights
+    placed.save_pretrained(tmp_path / "placed")
+    library = CSReftModel.from_adapters(tiny_llama(0), [tmp_path / "placed"], router=False).eval()
+    ids = ids_batch()
+    with torch.no_grad():
+        diff = (library(ids, gates=GATES).logits - placed(ids, gates=GATES).logits).abs().max()
+        unplaced = same_edits(make(), placed)(ids, gates=GATES).logits
+    assert diff < 1e-5 and (unplaced - placed(ids, gates=GATES).logits).abs().max() > 1e-3
+
+
+def test_layer_lists_with_spaces_inside_are_refused():
+    with pytest.raises(ValueError, match="entry '1 2': its layers are comma-separated indices"):
+        CSReftConfig(layers=[1, 2], num_subspaces=1, placement="1 2")

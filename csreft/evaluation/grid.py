@@ -6,7 +6,8 @@ sign-off, after an "Answer:" prefix). A prompt of cell (task, style) is the task
 the style's instruction as its last line. Each style is trained on the answers of two tasks
 (its seen cells), so what it learns is a style and not one transformation; every other cell is
 held out, one per style for validation (choosing how to compose) and two per style for the test.
-No input of a held-out record is in training, under any cell.
+No input of a held-out record is in its task's training, under any cell (sort and max share the
+digit lists, with different answers).
 
 Scores of a generated output (`grid_scores`): exact (the styled answer), task right (the answer
 inside whatever styles the output wears is the task's) and style right (it wears exactly the

@@ -115,10 +115,12 @@ def _build(opts: dict, options: dict, config_fields: dict, config: CSReftConfig 
         model.edits.requires_grad_(False)
     train_set = usable(SupervisedDataset(records, tokenizer, opts["max_length"], skills), opts["data"], opts)
     gated = opts["train_gates"] == "skills"
+    if gated and model.router is not None:  # it never runs: no gradient (DDP would wait for one)
+        model.router.requires_grad_(False)
     if gated:
-        unlabelled = next((i for i, e in enumerate(train_set.examples) if not e["skill_set"]), None)
+        unlabelled = next((i for i, r in enumerate(records) if not (r.get("skills") or r.get("skill"))), None)
         if unlabelled is not None:
-            raise ValueError(f"--train-gates skills: training example {unlabelled + 1} of {opts['data']} has no "
+            raise ValueError(f"--train-gates skills: record {unlabelled + 1} of {opts['data']} has no "
                              "'skill' or 'skills' (each record's skills are its gates)")
     # a fresh router starts at its router_init; an --init-adapter's router is kept as trained
     # unless --router-init asks for a new start
