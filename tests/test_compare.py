@@ -192,6 +192,17 @@ def test_runs_without_a_router_do_not_depend_on_router_defaults():
     assert _canonical(routed) != _canonical({**routed, "config": {**routed["config"], "balance_weight": 2.0}})
 
 
+def test_runs_saved_before_a_config_field_existed_are_reused():
+    """A key saved before placement / edit_generated existed ran as their defaults do."""
+    from csreft import CSReftConfig
+    from csreft.comparison.runner import _canonical
+
+    now = {"method": "csreft", "lr": 1e-3, "config": CSReftConfig(num_subspaces=3).to_dict()}
+    before = {**now, "config": {k: v for k, v in now["config"].items() if k not in ("placement", "edit_generated")}}
+    assert _canonical(before) == _canonical(now)
+    assert _canonical(before) != _canonical({**now, "config": {**now["config"], "edit_generated": True}})
+
+
 def test_demo_says_what_runs_and_ends_with_a_reading(tmp_path, tiny_model_dir, capsys):
     main(["demo", "--model", str(tiny_model_dir), "--max-minutes", "0.2", "--layers", "1,2", "--rank", "2",
           "--router-hidden", "16", "--train-per-skill", "6", "--test-per-skill", "2", "--val-per-skill", "1",

@@ -195,12 +195,19 @@ _ROUTER_FIELDS = ("router_input", "router_head", "router_layer", "router_hidden"
                   "sparsity_weight", "balance_weight", "routing_loss_weight")
 
 def _canonical(key: dict | None) -> dict | None:
-    """A run's key without the router settings of a model that has no router (LoReFT, the
-    specialists): a change of the router's defaults does not change those runs."""
+    """A run's key with its config's fields filled in at their defaults (a run saved before a
+    field existed ran as its default does), without the router settings of a model that has no
+    router (LoReFT, the specialists): a change of the router's defaults does not change those runs."""
     config = (key or {}).get("config")
-    if not config or config.get("use_router", True):
+    if not config:
         return key
-    return {**key, "config": {k: v for k, v in config.items() if k not in _ROUTER_FIELDS}}
+    try:
+        config = CSReftConfig.from_dict(config).to_dict()
+    except (TypeError, ValueError):  # not a config this version reads: compared as it is
+        pass
+    if not config.get("use_router", True):
+        config = {k: v for k, v in config.items() if k not in _ROUTER_FIELDS}
+    return {**key, "config": config}
 
 def _evaluate(model, tokenizer, suite, opts, records) -> dict:
     res = evaluate_suite(model, tokenizer, suite, "test", records=records, batch_size=opts.eval_batch_size)
