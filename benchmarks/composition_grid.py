@@ -251,7 +251,7 @@ def fit_weights(model, tokenizer, records, steps: int, max_length: int) -> torch
     opt = torch.optim.Adam([weights], lr=0.05)
     for _ in range(steps):
         loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "prompt_starts", "prompt_lengths")},
-                     gates=role_gates(records, weights)).loss
+                     gates=role_gates(records, weights), full_logits=False).loss  # LM head at the answer only
         opt.zero_grad()
         loss.backward()
         opt.step()
