@@ -1,10 +1,20 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from csreft import CSReftConfig, get_csreft_model
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"csreft_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_llama(seed: int = 0, d: int = 64, layers: int = 4, vocab: int = 128) -> LlamaForCausalLM:

@@ -1,7 +1,6 @@
 """benchmarks/speed.py and benchmarks/scale.py run end to end on tiny random Llamas."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import subprocess
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from conftest import load_benchmark
 
 SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 KEYS = (
@@ -18,10 +19,7 @@ KEYS = (
 
 
 def load_speed():
-    spec = importlib.util.spec_from_file_location("csreft_speed_benchmark", SPEED)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 def test_speed_benchmark_writes_its_keys(tmp_path, monkeypatch):
@@ -92,9 +90,7 @@ def test_router_views_clusters_held_out_points_and_measures_nmi():
     """benchmarks/router_views.py's clustering: fitted on some points of three clusters, it assigns
     held-out points of the same clusters to them (NMI 1) under both restart rules; an assignment
     that ignores the labels has NMI 0."""
-    spec = importlib.util.spec_from_file_location("csreft_router_views", SPEED.parent / "router_views.py")
-    views = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(views)
+    views = load_benchmark("router_views")
     g = torch.Generator().manual_seed(0)
     k, d, n = 3, 24, 120
     labels = torch.arange(n) % k

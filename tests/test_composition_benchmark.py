@@ -1,21 +1,15 @@
 """benchmarks/composition.py runs end to end on the tiny model and writes its table."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from csreft.evaluation.suites import builtin_suite, check_answer
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "composition.py"
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("csreft_composition_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("composition")
 
 
 def test_component_answers_are_each_skill_alone():

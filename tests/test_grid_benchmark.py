@@ -1,25 +1,18 @@
 """benchmarks/composition_grid.py: gates of a cell, fitted per-layer weights, an end-to-end run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import randomize_edits
+from conftest import load_benchmark, randomize_edits
 from csreft import CSReftConfig, get_csreft_model
 from csreft.base_models import load_base
 from csreft.evaluation.grid import grid_suite
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "composition_grid.py"
-
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("csreft_grid_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("composition_grid")
 
 
 def test_role_gates_at_one_are_the_union_of_the_cell():
