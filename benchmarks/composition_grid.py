@@ -140,19 +140,45 @@ def train_lora(base, tokenizer, args, records, out: Path, target: int, steps: in
     return model, rank, seconds
 
 
+def lora_key(args, out: Path, target: int, steps: int) -> dict:
+    """What a trained LoRA depends on: it is reused when a later run's key is the same."""
+    return {"steps": steps, "lr": args.lora_lr, "seed": args.seed, "target": target, "model": args.model,
+            "batch_size": args.batch_size, "max_length": args.max_length, "data_sha256": digest(out / "train.jsonl")}
+
+
+def saved_key(where: Path) -> dict | None:
+    key = where / "grid-key.json"
+    return json.loads(key.read_text()) if key.exists() and (where / "adapter_config.json").exists() else None
+
+
+def mixed_lora(base, tokenizer, args, records, out: Path, target: int):
+    """The data-mixed LoRA: trained once per key, saved under OUT/lora and reused."""
+    from peft import PeftModel
+
+    from csreft.comparison.runner import lora_rank_for
+
+    where, key = out / "lora", lora_key(args, out, target, args.steps)
+    if saved_key(where) == key:
+        rank = lora_rank_for(base, target)  # before PEFT wraps the projections
+        return PeftModel.from_pretrained(base, where).eval(), rank, 0.0
+    model, rank, seconds = train_lora(base, tokenizer, args, records, where, target)
+    model.save_pretrained(where)
+    (where / "grid-key.json").write_text(json.dumps(key))
+    return model, rank, seconds
+
+
 def lora_merge(base, tokenizer, args, suite, held, out: Path, target: int, max_new: int) -> tuple[dict, object]:
     """Per-skill LoRAs, merged per cell; returns (the row, the base with no adapter left)."""
     from peft import PeftModel
 
     steps = max(1, round(args.steps / len(SKILLS)))  # each skill's share of the joint run's examples
-    key = {"steps": steps, "lr": args.lora_lr, "seed": args.seed, "target": target, "model": args.model,
-           "batch_size": args.batch_size, "max_length": args.max_length, "data_sha256": digest(out / "train.jsonl")}
+    key = lora_key(args, out, target, steps)
     from csreft.comparison.runner import lora_rank_for
 
     row, seconds = {"lora_steps_per_skill": steps, "lora_rank": lora_rank_for(base, target)}, 0.0
     for skill in SKILLS:
         where = out / "lora-skills" / skill
-        if (where / "grid-key.json").exists() and json.loads((where / "grid-key.json").read_text()) == key:
+        if saved_key(where) == key:
             continue
         model, _, t = train_lora(base, tokenizer, args, [r for r in suite.train if r["skill"] == skill],
                                  where, target, steps)
@@ -304,7 +330,7 @@ def main(argv=None) -> dict:
                 results[name] = {**row, "seconds": round(time.time() - started, 1)}
                 saved.write_text(json.dumps(report, indent=1))
                 continue
-            model, row["lora_rank"], row["train_seconds"] = train_lora(base, tokenizer, args, suite.train, out, target)
+            model, row["lora_rank"], row["train_seconds"] = mixed_lora(base, tokenizer, args, suite.train, out, target)
         else:
             adapter = train_edits(name, args, out, str(data), layers)
             model = CSReftModel.from_pretrained(base, adapter).eval()

@@ -87,3 +87,7 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     assert set(test["models"]) == {"gated"}  # the validation rows stay in grid-validation.json
     assert set(test["models"]["gated"]["union"]["cells"]) == set(test["cells"]["test"])
     assert set(json.loads((out / "grid-validation.json").read_text())["models"]) == set(module.MODELS)
+    again = module.main(argv + ["--models", "lora,lora-merge"])
+    for name in ("lora", "lora-merge"):  # saved LoRAs are reused, not trained again, and score the same
+        assert again["models"][name]["train_seconds"] == 0.0, name
+        assert again["models"][name]["union"] == rows[name]["union"], name
