@@ -4,6 +4,7 @@
     python benchmarks/composition_grid.py [--output-dir runs/grid] [--split validation|test]
         [--models base,loreft,lora,lora-merge,gated,layers,positions,dropin,generated] [--steps 300]
         [--lr 3e-3] [--lora-lr 3e-3] [--fit-examples 32] [--seed 0]
+    python benchmarks/composition_grid.py --pool runs/grid-s0,runs/grid-s1,runs/grid-s2 --split test
 
 The suite (csreft.evaluation.grid): 5 tasks x 4 styles; each style is trained on two tasks'
 answers; held-out cells are scored on `--split` (validation cells for choosing a mechanism, test
@@ -79,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--fit-examples", type=int, default=32, help="composed validation records for fitted weights (0: none)")
     p.add_argument("--fit-steps", type=int, default=40)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--pool", default=None, help="comma-separated output dirs of finished runs (one per seed): write "
+                   "OUTPUT_DIR/grid-SPLIT-pooled.md with paired tests over their records, and train nothing")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
@@ -217,8 +220,18 @@ def lora_merge(base, tokenizer, args, suite, held, out: Path, target: int, max_n
         ones = scored[(kind, MERGE_WEIGHTS[0])]
         row[f"union-{kind}"] = summarise([r for r, _ in ones], [o for _, o in ones])
     row["union"] = row["union-cat"]  # fixed in advance: cat adds the two LoRAs' updates, as a gate union adds edits
-    row["fitted"] = chosen_merge(suite.validation, scored, args, lambda recs, c: merged(recs, *c))
+    row["fitted"], fitted_pairs = chosen_merge(suite.validation, scored, args, lambda recs, c: merged(recs, *c))
+    row["outputs"] = {"single": outputs, "union": in_order(held, scored[("cat", MERGE_WEIGHTS[0])]),
+                      "fitted": in_order(held, fitted_pairs)}
     return row, model.unload()
+
+
+def in_order(records, pairs) -> list[str]:
+    """The outputs of (record, output) pairs in the order of `records` (each record once)."""
+    by_id = {id(r): o for r, o in pairs}
+    if set(by_id) != {id(r) for r in records}:
+        raise ValueError("the pairs do not cover the records exactly")
+    return [by_id[id(r)] for r in records]
 
 
 def chosen_merge(val, scored, args, run) -> dict:
@@ -240,7 +253,7 @@ def chosen_merge(val, scored, args, run) -> dict:
             best = max(scored, key=lambda c: exact(scored[c], half))
             pairs += [(r, o) for r, o in scored[best] if r["cell"] not in half]
             chosen.append(best)
-    return {**summarise([r for r, _ in pairs], [o for _, o in pairs]), "weights": chosen}
+    return {**summarise([r for r, _ in pairs], [o for _, o in pairs]), "weights": chosen}, pairs
 
 
 def generate(model, tokenizer, records, max_new_tokens, gates=None) -> list[str]:
@@ -299,6 +312,8 @@ def removal(model, tokenizer, records, max_new_tokens, seed) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.pool:
+        return {"pooled": pool(args)}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_cell = args.cell_records
@@ -345,7 +360,7 @@ def main(argv=None) -> dict:
         if gated:
             row["removal"] = removal(model, tokenizer, suite.test, max_new, args.seed)
         if gated and args.fit_examples:
-            row["fitted"] = fitted(model, tokenizer, suite, held, args, max_new)
+            row["fitted"], row["outputs"]["fitted"] = fitted(model, tokenizer, suite, held, args, max_new)
         row["seconds"] = round(time.time() - started, 1)
         results[name] = row
         if name == "lora":
@@ -356,9 +371,26 @@ def main(argv=None) -> dict:
         print(f"[grid] {name}: single {row['single']['all']['exact']:.3f}, held-out exact "
               f"{row['union']['all']['exact']:.3f} task {row['union']['all']['task']:.3f} style "
               f"{row['union']['all']['style']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr)
-    saved.with_suffix(".md").write_text(table(report))
-    print(table(report))
+    text = table(report) + "\n" + paired_table([report])
+    saved.with_suffix(".md").write_text(text)
+    print(text)
     return report
+
+
+def pool(args) -> str:
+    """--pool: one table over the runs' saved reports of --split (3 seeds: the final comparison)."""
+    reports = []
+    for d in args.pool.split(","):
+        path = Path(d.strip()) / f"grid-{args.split}.json"
+        if not path.exists():
+            raise SystemExit(f"--pool: {path} does not exist (run --split {args.split} with --output-dir {d} first)")
+        reports.append(json.loads(path.read_text()))
+    text = paired_table(reports)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"grid-{args.split}-pooled.md").write_text(text)
+    print(text)
+    return text
 
 
 def fitted(model, tokenizer, suite, held, args, max_new) -> dict:
@@ -379,7 +411,49 @@ def fitted(model, tokenizer, suite, held, args, max_new) -> dict:
         weights.append(w.tolist())
         records += score_on
         outputs += generate(model, tokenizer, score_on, max_new, role_gates(score_on, w))
-    return {**summarise(records, outputs), "weights": weights}
+    return {**summarise(records, outputs), "weights": weights}, in_order(held, zip(records, outputs))
+
+
+BASELINES = (("lora", "union"), ("lora-merge", "union"), ("lora-merge", "fitted"))
+
+
+def held_records(a: dict) -> list[dict]:
+    """The held-out records a report's outputs are in the order of (rebuilt from its args)."""
+    suite = grid_suite(a["seed"], a["train_per_skill"], a["test_per_skill"], composed=8 * a["cell_records"],
+                       validation=4 * a["cell_records"])
+    return suite.validation if a["split"] == "validation" else suite.composed
+
+
+def correctness(report) -> dict[str, list[bool]]:
+    """Exact match per held-out record, for each "model kind" (kind: union or fitted) with outputs."""
+    held = held_records(report["args"])
+    return {f"{name} {kind}": [grid_scores(r, o)["exact"] for r, o in zip(held, texts, strict=True)]
+            for name, row in report["models"].items() for kind, texts in row.get("outputs", {}).items()
+            if kind != "single"}
+
+
+def paired_table(reports) -> str:
+    """Held-out exact accuracy pooled over reports (seeds: the same split, records concatenated),
+    and each CS-ReFT composition against each baseline: paired bootstrap CI and McNemar p."""
+    from csreft.evaluation.stats import mcnemar, paired_bootstrap
+
+    scored = [correctness(r) for r in reports]
+    keys = [k for k in scored[0] if all(k in s for s in scored)]
+    pooled = {k: [x for s in scored for x in s[k]] for k in keys}
+    lines = [f"Held-out exact, pooled over {len(reports)} run(s) (seeds {', '.join(str(r['args']['seed']) for r in reports)})",
+             "", "| model | composition | n | exact | vs | difference (95% CI) | McNemar p |", "|---|---|---|---|---|---|---|"]
+    baselines = [f"{m} {k}" for m, k in BASELINES if f"{m} {k}" in pooled]
+    for key in keys:
+        name, kind = key.split(" ")
+        acc = 100 * sum(pooled[key]) / len(pooled[key])
+        if key in baselines or name in ("base", "loreft", "lora", "lora-merge"):
+            lines.append(f"| {name} | {kind} | {len(pooled[key])} | {acc:.1f} | | | |")
+            continue
+        for other in baselines:
+            d, lo, hi = paired_bootstrap(pooled[key], pooled[other])
+            lines.append(f"| {name} | {kind} | {len(pooled[key])} | {acc:.1f} | {other} | {100 * d:+.1f} "
+                         f"({100 * lo:+.1f}, {100 * hi:+.1f}) | {mcnemar(pooled[key], pooled[other]):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(report) -> str:

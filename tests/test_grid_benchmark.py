@@ -91,3 +91,13 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     for name in ("lora", "lora-merge"):  # saved LoRAs are reused, not trained again, and score the same
         assert again["models"][name]["train_seconds"] == 0.0, name
         assert again["models"][name]["union"] == rows[name]["union"], name
+    n_held = len(report["cells"]["validation"]) * 2
+    assert {len(rows["lora-merge"]["outputs"][k]) for k in ("union", "fitted")} == {n_held}
+    assert len(rows["gated"]["outputs"]["fitted"]) == n_held  # in held-out order, so it pairs with the others
+    text = (out / "grid-validation.md").read_text()
+    assert "| gated | union | %d |" % n_held in text and "lora-merge fitted" in text
+    pooled = module.main(["--pool", f"{out},{out}", "--output-dir", str(tmp_path / "pooled")])["pooled"]
+    assert "| gated | fitted | %d |" % (2 * n_held) in pooled  # two runs' records, concatenated
+    assert (tmp_path / "pooled" / "grid-validation-pooled.md").read_text() == pooled
+    with pytest.raises(SystemExit, match="grid-validation.json does not exist"):
+        module.main(["--pool", str(tmp_path / "nowhere")])
