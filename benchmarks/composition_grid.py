@@ -2,7 +2,7 @@
 """Composition on the grid suite: do a task and a style compose on cells never trained together?
 
     python benchmarks/composition_grid.py [--output-dir runs/grid] [--split validation|test]
-        [--models base,loreft,lora,lora-merge,gated,layers,positions,dropin,generated] [--steps 300]
+        [--models base,loreft,lora,lora-merge,gated,layers,positions,dropin,dropout,generated] [--steps 300]
         [--lr 3e-3] [--lora-lr 3e-3] [--fit-examples 32] [--seed 0]
     python benchmarks/composition_grid.py --pool runs/grid-s0,runs/grid-s1,runs/grid-s2 --split test
 
@@ -23,6 +23,8 @@ cells for the result; never both in one screening). Models, all on the same trai
   layers     gated, tasks at the first two edited layers, styles at the last two (placement);
   positions  gated, tasks at the first prompt positions, styles at the last (placement);
   dropin     gated with --gate-dropin 0.25 (other subspaces on at -1 or 1, composable training);
+  dropin-neg gated with --gate-dropin 0.25 --dropin-factors -1: other subspaces subtracted only (a
+             +1 drop-in with the target unchanged teaches a style to do nothing beside a task);
   generated  gated with edit_generated: the response tokens are edited too (styles act on the output).
 CS-ReFT models score held-out cells with the union of the cell's two skills (gate 1 each), and
 with per-layer weights of "the task" and "the style" fitted on --fit-examples composed records
@@ -55,7 +57,7 @@ from csreft.evaluation.grid import STYLES, TASKS, grid_scores, grid_suite, summa
 from csreft.generation import generate_texts  # noqa: E402
 from csreft.training.recipe import run as train_run  # noqa: E402
 
-MODELS = ("base", "loreft", "lora", "lora-merge", "gated", "layers", "positions", "dropin", "generated")
+MODELS = ("base", "loreft", "lora", "lora-merge", "gated", "layers", "positions", "dropin", "dropin-neg", "generated")
 MERGES = ("linear", "cat", "ties")  # PEFT add_weighted_adapter combination types
 MERGE_WEIGHTS = ((1.0, 1.0), (0.5, 0.5), (1.0, 0.5), (0.5, 1.0))
 SKILLS = sorted(TASKS + STYLES)  # subspace i of a --train-gates skills adapter is the i-th sorted skill
@@ -105,6 +107,7 @@ def adapter_options(name: str, args, layers: list[int]) -> dict | None:
         "layers": {**gated, "placement": placed(early, late)},
         "positions": {**gated, "share_positions": False, "placement": placed(f"{every}@f", f"{every}@l")},
         "dropin": {**gated, "gate_dropin": 0.25, "dropin_factors": "-1,1"},
+        "dropin-neg": {**gated, "gate_dropin": 0.25, "dropin_factors": "-1"},
         "generated": {**gated, "edit_generated": True},
     }.get(name)
 
