@@ -121,9 +121,11 @@ def train_edits(name, args, out: Path, data: str, layers) -> Path:
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, logging_steps=max(1, args.steps // 10),
                 max_length=args.max_length, layers=args.layers, rank=args.rank, positions="f7+l7")
     opts.update(adapter_options(name, args, layers))
-    key = {**{k: v for k, v in opts.items() if k != "output_dir"}, "data_sha256": digest(data)}
+    # the data by its digest, not its path: an adapter copied to another output dir is reused
+    key = {**{k: v for k, v in opts.items() if k not in ("output_dir", "data")}, "data_sha256": digest(data)}
     key_file, adapter = out / name / "grid-key.json", out / name / "adapter"
-    if key_file.exists() and json.loads(key_file.read_text()) == key and (adapter / "csreft_config.json").exists():
+    saved = json.loads(key_file.read_text()) if key_file.exists() else None
+    if saved is not None and (adapter / "csreft_config.json").exists() and {k: v for k, v in saved.items() if k != "data"} == key:
         return adapter
     train_run({**opts, "overwrite": True})
     key_file.write_text(json.dumps(key))

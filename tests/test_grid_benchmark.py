@@ -48,7 +48,7 @@ def test_fitted_weights_lower_the_loss_of_their_examples(tiny_model_dir):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
+def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
     module = load_module()
     out = tmp_path / "grid"
     argv = ["--model", str(tiny_model_dir), "--output-dir", str(out), "--train-per-skill", "4", "--test-per-skill", "2",
@@ -101,3 +101,10 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir):
     assert (tmp_path / "pooled" / "grid-validation-pooled.md").read_text() == pooled
     with pytest.raises(SystemExit, match="grid-validation.json does not exist"):
         module.main(["--pool", str(tmp_path / "nowhere")])
+    import shutil  # a trained adapter copied to another output dir is reused, not trained again
+    other = tmp_path / "other"
+    shutil.copytree(out / "gated", other / "gated")
+    monkeypatch.setattr(module, "train_run", lambda opts: pytest.fail(f"trained again: {opts['output_dir']}"))
+    copied = module.main([*argv[:argv.index("--output-dir")], "--output-dir", str(other), *argv[argv.index("--output-dir") + 2:],
+                          "--models", "gated", "--fit-examples", "0"])
+    assert copied["models"]["gated"]["union"] == rows["gated"]["union"]
