@@ -2,9 +2,10 @@
 """Composition on the grid suite: do a task and a style compose on cells never trained together?
 
     python benchmarks/composition_grid.py [--output-dir runs/grid] [--split validation|test]
-        [--models base,loreft,lora,lora-merge,gated,layers,positions,dropin,dropout,generated] [--steps 300]
+        [--models base,loreft,lora,lora-merge,gated,layers,positions,dropin,dropin-neg,positions-neg,generated]
+        [--steps 300]
         [--lr 3e-3] [--lora-lr 3e-3] [--fit-examples 32] [--seed 0]
-    python benchmarks/composition_grid.py --pool runs/grid-s0,runs/grid-s1,runs/grid-s2 --split test
+    python benchmarks/composition_grid.py --pool runs/grid-test-s0,runs/grid-test-s1,runs/grid-test-s2 --split test
 
 The suite (csreft.evaluation.grid): 5 tasks x 4 styles; each style is trained on two tasks'
 answers; held-out cells are scored on `--split` (validation cells for choosing a mechanism, test
@@ -25,6 +26,7 @@ cells for the result; never both in one screening). Models, all on the same trai
   dropin     gated with --gate-dropin 0.25 (other subspaces on at -1 or 1, composable training);
   dropin-neg gated with --gate-dropin 0.25 --dropin-factors -1: other subspaces subtracted only (a
              +1 drop-in with the target unchanged teaches a style to do nothing beside a task);
+  positions-neg  positions with the drop-ins of dropin-neg;
   generated  gated with edit_generated: the response tokens are edited too (styles act on the output).
 CS-ReFT models score held-out cells with the union of the cell's two skills (gate 1 each), and
 with per-layer weights of "the task" and "the style" fitted on --fit-examples composed records
@@ -57,7 +59,8 @@ from csreft.evaluation.grid import STYLES, TASKS, grid_scores, grid_suite, summa
 from csreft.generation import generate_texts  # noqa: E402
 from csreft.training.recipe import run as train_run  # noqa: E402
 
-MODELS = ("base", "loreft", "lora", "lora-merge", "gated", "layers", "positions", "dropin", "dropin-neg", "generated")
+MODELS = ("base", "loreft", "lora", "lora-merge", "gated", "layers", "positions", "dropin", "dropin-neg", "positions-neg",
+          "generated")
 MERGES = ("linear", "cat", "ties")  # PEFT add_weighted_adapter combination types
 MERGE_WEIGHTS = ((1.0, 1.0), (0.5, 0.5), (1.0, 0.5), (0.5, 1.0))
 SKILLS = sorted(TASKS + STYLES)  # subspace i of a --train-gates skills adapter is the i-th sorted skill
@@ -108,6 +111,8 @@ def adapter_options(name: str, args, layers: list[int]) -> dict | None:
         "positions": {**gated, "share_positions": False, "placement": placed(f"{every}@f", f"{every}@l")},
         "dropin": {**gated, "gate_dropin": 0.25, "dropin_factors": "-1,1"},
         "dropin-neg": {**gated, "gate_dropin": 0.25, "dropin_factors": "-1"},
+        "positions-neg": {**gated, "share_positions": False, "placement": placed(f"{every}@f", f"{every}@l"),
+                          "gate_dropin": 0.25, "dropin_factors": "-1"},
         "generated": {**gated, "edit_generated": True},
     }.get(name)
 
@@ -239,10 +244,11 @@ def in_order(records, pairs) -> list[str]:
     return [by_id[id(r)] for r in records]
 
 
-def chosen_merge(val, scored, args, run) -> dict:
+def chosen_merge(val, scored, args, run) -> tuple[dict, list]:
     """The merge (combination type, weights) chosen on validation cells: for the test cells, the
     choice best on all of them; when `scored` holds the validation cells, 2-fold over them (a
-    cell is scored with the choice best on the other half)."""
+    cell is scored with the choice best on the other half). Returns (the row, its (record,
+    output) pairs)."""
     def exact(pairs, cells):
         rows = [(r, o) for r, o in pairs if r["cell"] in cells]
         return sum(grid_scores(r, o)["exact"] for r, o in rows) / max(1, len(rows))
@@ -334,10 +340,14 @@ def main(argv=None) -> dict:
     layers = [int(x) for x in args.layers.split(",")]
     saved = out / f"grid-{args.split}.json"  # one file per split: a table never mixes them
     results = json.loads(saved.read_text()).get("models", {}) if saved.exists() else {}
+    stale = sorted(n for n, row in results.items() if row.get("suite", suite_args(vars(args))) != suite_args(vars(args)))
+    if stale:  # rows of another suite (seed, sizes) would be paired with the wrong records
+        print(f"[grid] {saved}: dropping rows of another suite: {', '.join(stale)}", file=sys.stderr)
+        results = {n: row for n, row in results.items() if n not in stale}
     report = {"args": vars(args), "cells": suite.info["cells"], "models": results}
     for name in args.models:
         started = time.time()
-        row = {"split": args.split}
+        row = {"split": args.split, "suite": suite_args(vars(args))}
         if name == "base":
             model = base
         elif name in ("lora", "lora-merge"):  # at the parameter count of the 9 subspaces' edits
@@ -390,6 +400,17 @@ def pool(args) -> str:
         if not path.exists():
             raise SystemExit(f"--pool: {path} does not exist (run --split {args.split} with --output-dir {d} first)")
         reports.append(json.loads(path.read_text()))
+    seeds = [r["args"]["seed"] for r in reports]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--pool: seeds {seeds}: each run must be another seed (a repeated one narrows the CI falsely)")
+    for r, d in zip(reports[1:], args.pool.split(",")[1:]):
+        differ = [k for k in POOL_ARGS if r["args"][k] != reports[0]["args"][k]]
+        if differ:
+            raise SystemExit(f"--pool: {d.strip()} differs from the first run in {', '.join(differ)}")
+    scored = [set(correctness(r)) for r in reports]
+    dropped = sorted(set().union(*scored) - set.intersection(*scored))
+    if dropped:
+        print(f"[grid] --pool: left out (not in every run): {', '.join(dropped)}", file=sys.stderr)
     text = paired_table(reports)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,9 +419,10 @@ def pool(args) -> str:
     return text
 
 
-def fitted(model, tokenizer, suite, held, args, max_new) -> dict:
+def fitted(model, tokenizer, suite, held, args, max_new) -> tuple[dict, list[str]]:
     """Fitted per-layer (task, style) weights: on the validation cells for the test cells; with
-    --split validation, 2-fold over the validation cells (fit on two, score the other two)."""
+    --split validation, 2-fold over the validation cells (fit on two, score the other two).
+    Returns (the row, the outputs in held-out order)."""
     val = suite.validation
     cells = sorted({r["cell"] for r in val})
     if args.split == "test":
@@ -422,6 +444,16 @@ def fitted(model, tokenizer, suite, held, args, max_new) -> dict:
 BASELINES = (("lora", "union"), ("lora-merge", "union"), ("lora-merge", "fitted"))
 
 
+SUITE_ARGS = ("seed", "train_per_skill", "test_per_skill", "cell_records", "split")
+POOL_ARGS = ("model", "split", "train_per_skill", "test_per_skill", "cell_records", "steps", "batch_size", "lr",
+             "lora_lr", "layers", "rank", "max_length")  # what seeds pooled together must share
+
+
+def suite_args(a: dict) -> dict:
+    """What a row's held-out records depend on (its outputs are in their order)."""
+    return {k: a[k] for k in SUITE_ARGS}
+
+
 def held_records(a: dict) -> list[dict]:
     """The held-out records a report's outputs are in the order of (rebuilt from its args)."""
     suite = grid_suite(a["seed"], a["train_per_skill"], a["test_per_skill"], composed=8 * a["cell_records"],
@@ -431,10 +463,13 @@ def held_records(a: dict) -> list[dict]:
 
 def correctness(report) -> dict[str, list[bool]]:
     """Exact match per held-out record, for each "model kind" (kind: union or fitted) with outputs."""
-    held = held_records(report["args"])
-    return {f"{name} {kind}": [grid_scores(r, o)["exact"] for r, o in zip(held, texts, strict=True)]
-            for name, row in report["models"].items() for kind, texts in row.get("outputs", {}).items()
-            if kind != "single"}
+    out = {}
+    for name, row in report["models"].items():
+        held = held_records(row.get("suite", report["args"]))  # rows saved before "suite" share the report's
+        for kind, texts in row.get("outputs", {}).items():
+            if kind != "single":
+                out[f"{name} {kind}"] = [grid_scores(r, o)["exact"] for r, o in zip(held, texts, strict=True)]
+    return out
 
 
 def paired_table(reports) -> str:

@@ -8,7 +8,7 @@ import torch
 from conftest import load_benchmark, randomize_edits
 from csreft import CSReftConfig, get_csreft_model
 from csreft.base_models import load_base
-from csreft.evaluation.grid import grid_suite
+from csreft.evaluation.grid import grid_suite, summarise
 
 
 def load_module():
@@ -96,11 +96,27 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
     assert len(rows["gated"]["outputs"]["fitted"]) == n_held  # in held-out order, so it pairs with the others
     text = (out / "grid-validation.md").read_text()
     assert "| gated | union | %d |" % n_held in text and "lora-merge fitted" in text
-    pooled = module.main(["--pool", f"{out},{out}", "--output-dir", str(tmp_path / "pooled")])["pooled"]
+    held = module.held_records(report["args"])  # the kept outputs are in held-out order: they give the rows' rates
+    for name, kind in (("lora-merge", "union"), ("lora-merge", "fitted"), ("gated", "fitted"), ("positions", "union")):
+        assert summarise(held, rows[name]["outputs"][kind]) == {k: rows[name][kind][k] for k in ("all", "cells")}, name
+    seed1 = tmp_path / "seed1"  # a second seed's report (here: the first one's, relabelled)
+    seed1.mkdir()
+    saved = json.loads((out / "grid-validation.json").read_text())
+    saved["args"]["seed"] = 1
+    for row in saved["models"].values():
+        row["suite"]["seed"] = 1
+    (seed1 / "grid-validation.json").write_text(json.dumps(saved))
+    pooled = module.main(["--pool", f"{out},{seed1}", "--output-dir", str(tmp_path / "pooled")])["pooled"]
     assert "| gated | fitted | %d |" % (2 * n_held) in pooled  # two runs' records, concatenated
     assert (tmp_path / "pooled" / "grid-validation-pooled.md").read_text() == pooled
     with pytest.raises(SystemExit, match="grid-validation.json does not exist"):
         module.main(["--pool", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="each run must be another seed"):
+        module.main(["--pool", f"{out},{out}"])
+    saved["args"]["steps"] = 3
+    (seed1 / "grid-validation.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="differs from the first run in steps"):
+        module.main(["--pool", f"{out},{seed1}"])
     import shutil  # a trained adapter copied to another output dir is reused, not trained again
     other = tmp_path / "other"
     shutil.copytree(out / "gated", other / "gated")
@@ -108,3 +124,5 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
     copied = module.main([*argv[:argv.index("--output-dir")], "--output-dir", str(other), *argv[argv.index("--output-dir") + 2:],
                           "--models", "gated", "--fit-examples", "0"])
     assert copied["models"]["gated"]["union"] == rows["gated"]["union"]
+    reseeded = module.main(argv + ["--models", "base", "--seed", "1"])  # rows of seed 0 would pair with seed 1's records
+    assert set(reseeded["models"]) == {"base"}
