@@ -327,9 +327,7 @@ def main(argv=None) -> dict:
         return {"pooled": pool(args)}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_cell = args.cell_records
-    suite = grid_suite(args.seed, args.train_per_skill, args.test_per_skill, composed=8 * per_cell,
-                       validation=4 * per_cell)
+    suite = build_suite(vars(args))
     held = suite.validation if args.split == "validation" else suite.composed
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "response", "answer", "skill", "skills")}) + "\n"
@@ -407,11 +405,11 @@ def pool(args) -> str:
         differ = [k for k in POOL_ARGS if r["args"][k] != reports[0]["args"][k]]
         if differ:
             raise SystemExit(f"--pool: {d.strip()} differs from the first run in {', '.join(differ)}")
-    scored = [set(correctness(r)) for r in reports]
-    dropped = sorted(set().union(*scored) - set.intersection(*scored))
+    scored = [correctness(r) for r in reports]
+    dropped = sorted(set().union(*scored) - set.intersection(*map(set, scored)))
     if dropped:
         print(f"[grid] --pool: left out (not in every run): {', '.join(dropped)}", file=sys.stderr)
-    text = paired_table(reports)
+    text = paired_table(reports, scored)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"grid-{args.split}-pooled.md").write_text(text)
@@ -454,10 +452,15 @@ def suite_args(a: dict) -> dict:
     return {k: a[k] for k in SUITE_ARGS}
 
 
+def build_suite(a: dict):
+    """The grid suite of a run's args (as a dict): the records its rows' outputs follow."""
+    return grid_suite(a["seed"], a["train_per_skill"], a["test_per_skill"], composed=8 * a["cell_records"],
+                      validation=4 * a["cell_records"])
+
+
 def held_records(a: dict) -> list[dict]:
     """The held-out records a report's outputs are in the order of (rebuilt from its args)."""
-    suite = grid_suite(a["seed"], a["train_per_skill"], a["test_per_skill"], composed=8 * a["cell_records"],
-                       validation=4 * a["cell_records"])
+    suite = build_suite(a)
     return suite.validation if a["split"] == "validation" else suite.composed
 
 
@@ -472,12 +475,13 @@ def correctness(report) -> dict[str, list[bool]]:
     return out
 
 
-def paired_table(reports) -> str:
+def paired_table(reports, scored=None) -> str:
     """Held-out exact accuracy pooled over reports (seeds: the same split, records concatenated),
-    and each CS-ReFT composition against each baseline: paired bootstrap CI and McNemar p."""
+    and each CS-ReFT composition against each baseline: paired bootstrap CI and McNemar p.
+    `scored`: the reports' correctness(), when the caller has it already."""
     from csreft.evaluation.stats import mcnemar, paired_bootstrap
 
-    scored = [correctness(r) for r in reports]
+    scored = scored or [correctness(r) for r in reports]
     keys = [k for k in scored[0] if all(k in s for s in scored)]
     pooled = {k: [x for s in scored for x in s[k]] for k in keys}
     lines = [f"Held-out exact, pooled over {len(reports)} run(s) (seeds {', '.join(str(r['args']['seed']) for r in reports)})",
