@@ -14,7 +14,7 @@ cells for the result; never both in one screening). Models, all on the same trai
   loreft     one LoReFT edit of rank 9 r (the 9 subspaces' parameters), data-mixed, no gates;
   lora       PEFT LoRA on q_proj, v_proj at the same parameter count, data-mixed;
   lora-merge one LoRA per skill (a task's on its plain records, a style's on its seen cells, each
-             its share of the joint budget's examples), a cell = its two LoRAs merged by PEFT's
+             its share of the joint budget's steps, or --lora-skill-steps), a cell = its two LoRAs merged by PEFT's
              add_weighted_adapter: "union" = cat at weights (1, 1), fixed in advance (it adds the
              two updates, as a gate union adds two edits; linear and ties at (1, 1) reported
              too), "fitted" = the combination and weights best on validation cells (2-fold over
@@ -80,13 +80,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the edit models")
     p.add_argument("--lora-lr", type=float, default=3e-3)
+    p.add_argument("--lora-skill-steps", type=int, default=0, help="training steps of each per-skill LoRA of lora-merge "
+                   "(0: its share of the joint budget, --steps / 9; more: each trained further, towards its plateau)")
     p.add_argument("--layers", default="3,9,18,24")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--fit-examples", type=int, default=32, help="composed validation records for fitted weights (0: none)")
     p.add_argument("--fit-steps", type=int, default=40)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--pool", default=None, help="comma-separated output dirs of finished runs (one per seed): write "
-                   "OUTPUT_DIR/grid-SPLIT-pooled.md with paired tests over their records, and train nothing")
+    p.add_argument("--pool", default=None, help="comma-separated output dirs or grid-SPLIT.json files of finished "
+                   "runs (one seed each; one seed's models may be spread over several): write OUTPUT_DIR/grid-SPLIT-pooled.md with paired tests over their records, and train nothing")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
@@ -184,7 +186,7 @@ def lora_merge(base, tokenizer, args, suite, held, out: Path, target: int, max_n
     """Per-skill LoRAs, merged per cell; returns (the row, the base with no adapter left)."""
     from peft import PeftModel
 
-    steps = max(1, round(args.steps / len(SKILLS)))  # each skill's share of the joint run's examples
+    steps = args.lora_skill_steps or max(1, round(args.steps / len(SKILLS)))  # default: its share of the joint run's
     key = lora_key(args, out, target, steps)
     from csreft.comparison.runner import lora_rank_for
 
@@ -391,20 +393,33 @@ def main(argv=None) -> dict:
 
 
 def pool(args) -> str:
-    """--pool: one table over the runs' saved reports of --split (3 seeds: the final comparison)."""
-    reports = []
-    for d in args.pool.split(","):
-        path = Path(d.strip()) / f"grid-{args.split}.json"
+    """--pool: one table over finished runs of --split (3 seeds: the final comparison). An entry is
+    an output dir or a saved grid-SPLIT.json; entries of one seed with other models (runs split over
+    folders to use more cores) are joined into that seed's report."""
+    by_seed, where = {}, {}
+    for d in (d.strip() for d in args.pool.split(",")):
+        path = Path(d) if d.endswith(".json") else Path(d) / f"grid-{args.split}.json"
         if not path.exists():
             raise SystemExit(f"--pool: {path} does not exist (run --split {args.split} with --output-dir {d} first)")
-        reports.append(json.loads(path.read_text()))
-    seeds = [r["args"]["seed"] for r in reports]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--pool: seeds {seeds}: each run must be another seed (a repeated one narrows the CI falsely)")
-    for r, d in zip(reports[1:], args.pool.split(",")[1:]):
-        differ = [k for k in POOL_ARGS if r["args"][k] != reports[0]["args"][k]]
+        report = json.loads(path.read_text())
+        if report["args"]["split"] != args.split:
+            raise SystemExit(f"--pool: {path} holds split {report['args']['split']}, not --split {args.split}")
+        first = next(iter(by_seed.values()), report)
+        differ = [k for k in POOL_ARGS if report["args"][k] != first["args"][k]]
         if differ:
-            raise SystemExit(f"--pool: {d.strip()} differs from the first run in {', '.join(differ)}")
+            raise SystemExit(f"--pool: {path} differs from the first run in {', '.join(differ)}")
+        seed = report["args"]["seed"]
+        joined = by_seed.setdefault(seed, {**report, "models": {}})
+        for name, row in report["models"].items():
+            if name in joined["models"]:  # the same records twice would narrow the CI falsely
+                raise SystemExit(f"--pool: seed {seed}, model {name} is in both {where[seed, name]} and {path}: "
+                                 "each run of a model must be another seed")
+            joined["models"][name], where[seed, name] = row, path
+    for name in MODELS:  # a row-level setting: the seeds' merges must be trained alike
+        steps = {r["models"][name].get("lora_steps_per_skill") for r in by_seed.values() if name in r["models"]}
+        if len(steps) > 1:
+            raise SystemExit(f"--pool: the {name} rows differ in lora_steps_per_skill ({sorted(steps)})")
+    reports = [{**r, "models": {n: r["models"][n] for n in MODELS if n in r["models"]}} for r in by_seed.values()]
     scored = [correctness(r) for r in reports]
     dropped = sorted(set().union(*scored) - set.intersection(*map(set, scored)))
     if dropped:

@@ -91,6 +91,9 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
     for name in ("lora", "lora-merge"):  # saved LoRAs are reused, not trained again, and score the same
         assert again["models"][name]["train_seconds"] == 0.0, name
         assert again["models"][name]["union"] == rows[name]["union"], name
+    assert rows["lora-merge"]["lora_steps_per_skill"] == 1  # --steps 2 / 9 skills, at least 1
+    longer = module.main(argv + ["--models", "lora-merge", "--lora-skill-steps", "2", "--output-dir", str(tmp_path / "longer")])
+    assert longer["models"]["lora-merge"]["lora_steps_per_skill"] == 2 and longer["models"]["lora-merge"]["train_seconds"] > 0
     n_held = len(report["cells"]["validation"]) * 2
     assert {len(rows["lora-merge"]["outputs"][k]) for k in ("union", "fitted")} == {n_held}
     assert len(rows["gated"]["outputs"]["fitted"]) == n_held  # in held-out order, so it pairs with the others
@@ -111,8 +114,23 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
     assert (tmp_path / "pooled" / "grid-validation-pooled.md").read_text() == pooled
     with pytest.raises(SystemExit, match="grid-validation.json does not exist"):
         module.main(["--pool", str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit, match="each run must be another seed"):
+    with pytest.raises(SystemExit, match="seed 0, model base is in both"):
         module.main(["--pool", f"{out},{out}"])
+    whole = module.main(["--pool", str(out), "--output-dir", str(tmp_path / "whole")])["pooled"]
+    parts = []  # one seed's models spread over two files (runs in parallel folders) pool as one run
+    for i, names in enumerate((["lora", "lora-merge"], [n for n in module.MODELS if n not in ("lora", "lora-merge")])):
+        part = json.loads((out / "grid-validation.json").read_text())
+        part["models"] = {n: part["models"][n] for n in names}
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    assert module.main(["--pool", ",".join(map(str, parts)), "--output-dir", str(tmp_path / "parts")])["pooled"] == whole
+    bad = json.loads(parts[0].read_text())
+    bad["args"]["seed"], bad["models"]["lora-merge"]["lora_steps_per_skill"] = 1, 5
+    parts[1].write_text(json.dumps(bad))  # seeds whose merges trained for other lengths do not pool
+    with pytest.raises(SystemExit, match=r"lora-merge rows differ in lora_steps_per_skill \(\[1, 5\]\)"):
+        module.main(["--pool", f"{out},{parts[1]}"])
+    with pytest.raises(SystemExit, match="holds split validation, not --split test"):
+        module.main(["--pool", str(parts[0]), "--split", "test"])
     saved["args"]["steps"] = 3
     (seed1 / "grid-validation.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match="differs from the first run in steps"):
