@@ -14,11 +14,11 @@ cells for the result; never both in one screening). Models, all on the same trai
   loreft     one LoReFT edit of rank 9 r (the 9 subspaces' parameters), data-mixed, no gates;
   lora       PEFT LoRA on q_proj, v_proj at the same parameter count, data-mixed;
   lora-merge one LoRA per skill (a task's on its plain records, a style's on its seen cells, each
-             its share of the joint budget's steps, or --lora-skill-steps), a cell = its two LoRAs merged by PEFT's
-             add_weighted_adapter: "union" = cat at weights (1, 1), fixed in advance (it adds the
-             two updates, as a gate union adds two edits; linear and ties at (1, 1) reported
-             too), "fitted" = the combination and weights best on validation cells (2-fold over
-             them when screening);
+             its share of the joint budget's steps, or --lora-skill-steps), a cell = its two LoRAs
+             merged by PEFT's add_weighted_adapter: "union" = cat at weights (1, 1), fixed in
+             advance (it adds the two updates, as a gate union adds two edits; linear and ties
+             at (1, 1) reported too), "fitted" = the combination and weights best on validation
+             cells (2-fold over them when screening);
   gated      CS-ReFT, k = 9 (one subspace per skill), trained with --train-gates skills: a plain
              task record under its task's gate, a seen-cell record under task + style;
   layers     gated, tasks at the first two edited layers, styles at the last two (placement);
@@ -88,12 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--fit-steps", type=int, default=40)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--pool", default=None, help="comma-separated output dirs or grid-SPLIT.json files of finished "
-                   "runs (one seed each; one seed's models may be spread over several): write OUTPUT_DIR/grid-SPLIT-pooled.md with paired tests over their records, and train nothing")
+                   "runs (one seed's models may be spread over several): write OUTPUT_DIR/grid-SPLIT-pooled.md "
+                   "with paired tests over their records, and train nothing")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         p.error(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+    if args.lora_skill_steps < 0:
+        p.error(f"--lora-skill-steps: {args.lora_skill_steps}; allowed: 0 (the share of --steps) or a positive count")
     return args
 
 

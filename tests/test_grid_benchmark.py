@@ -129,6 +129,8 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
     parts[1].write_text(json.dumps(bad))  # seeds whose merges trained for other lengths do not pool
     with pytest.raises(SystemExit, match=r"lora-merge rows differ in lora_steps_per_skill \(\[1, 5\]\)"):
         module.main(["--pool", f"{out},{parts[1]}"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--lora-skill-steps", "-1"])
     with pytest.raises(SystemExit, match="holds split validation, not --split test"):
         module.main(["--pool", str(parts[0]), "--split", "test"])
     saved["args"]["steps"] = 3
