@@ -189,7 +189,7 @@ def lora_merge(base, tokenizer, args, suite, held, out: Path, target: int, max_n
     """Per-skill LoRAs, merged per cell; returns (the row, the base with no adapter left)."""
     from peft import PeftModel
 
-    steps = args.lora_skill_steps or max(1, round(args.steps / len(SKILLS)))  # default: its share of the joint run's
+    steps = args.lora_skill_steps or max(1, round(args.steps / len(SKILLS)))  # default: its share of the joint run's steps
     key = lora_key(args, out, target, steps)
     from csreft.comparison.runner import lora_rank_for
 
@@ -418,10 +418,9 @@ def pool(args) -> str:
                 raise SystemExit(f"--pool: seed {seed}, model {name} is in both {where[seed, name]} and {path}: "
                                  "each run of a model must be another seed")
             joined["models"][name], where[seed, name] = row, path
-    for name in MODELS:  # a row-level setting: the seeds' merges must be trained alike
-        steps = {r["models"][name].get("lora_steps_per_skill") for r in by_seed.values() if name in r["models"]}
-        if len(steps) > 1:
-            raise SystemExit(f"--pool: the {name} rows differ in lora_steps_per_skill ({sorted(steps)})")
+    steps = {r["models"]["lora-merge"]["lora_steps_per_skill"] for r in by_seed.values() if "lora-merge" in r["models"]}
+    if len(steps) > 1:  # a setting of that row only (runs without a merge need not share it)
+        raise SystemExit(f"--pool: the lora-merge rows differ in lora_steps_per_skill ({sorted(steps)})")
     reports = [{**r, "models": {n: r["models"][n] for n in MODELS if n in r["models"]}} for r in by_seed.values()]
     scored = [correctness(r) for r in reports]
     dropped = sorted(set().union(*scored) - set.intersection(*map(set, scored)))

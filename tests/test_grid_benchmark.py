@@ -48,7 +48,7 @@ def test_fitted_weights_lower_the_loss_of_their_examples(tiny_model_dir):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
+def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch, capsys):
     module = load_module()
     out = tmp_path / "grid"
     argv = ["--model", str(tiny_model_dir), "--output-dir", str(out), "--train-per-skill", "4", "--test-per-skill", "2",
@@ -131,6 +131,7 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch):
         module.main(["--pool", f"{out},{parts[1]}"])
     with pytest.raises(SystemExit):
         module.parse_args(["--lora-skill-steps", "-1"])
+    assert "--lora-skill-steps: -1; allowed: 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="holds split validation, not --split test"):
         module.main(["--pool", str(parts[0]), "--split", "test"])
     saved["args"]["steps"] = 3
