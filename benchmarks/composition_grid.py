@@ -417,10 +417,12 @@ def pool(args) -> str:
             if name in joined["models"]:  # the same records twice would narrow the CI falsely
                 raise SystemExit(f"--pool: seed {seed}, model {name} is in both {where[seed, name]} and {path}: "
                                  "each run of a model must be another seed")
-            joined["models"][name], where[seed, name] = row, path
-    steps = {r["models"]["lora-merge"]["lora_steps_per_skill"] for r in by_seed.values() if "lora-merge" in r["models"]}
-    if len(steps) > 1:  # a setting of that row only (runs without a merge need not share it)
-        raise SystemExit(f"--pool: the lora-merge rows differ in lora_steps_per_skill ({sorted(steps)})")
+            joined["models"][name], where[seed, name] = {**row, "steps": trained_steps(name, row, report["args"])}, path
+    for name in MODELS:  # a model's length is its own setting: models may differ, one model's seeds may not
+        steps = {r["models"][name]["steps"] for r in by_seed.values() if name in r["models"]}
+        if len(steps) > 1:
+            raise SystemExit(f"--pool: the {name} rows differ in training steps ({sorted(steps)}): "
+                             "the seeds of one model must train it for as long")
     reports = [{**r, "models": {n: r["models"][n] for n in MODELS if n in r["models"]}} for r in by_seed.values()]
     scored = [correctness(r) for r in reports]
     dropped = sorted(set().union(*scored) - set.intersection(*map(set, scored)))
@@ -460,8 +462,15 @@ BASELINES = (("lora", "union"), ("lora-merge", "union"), ("lora-merge", "fitted"
 
 
 SUITE_ARGS = ("seed", "train_per_skill", "test_per_skill", "cell_records", "split")
-POOL_ARGS = ("model", "split", "train_per_skill", "test_per_skill", "cell_records", "steps", "batch_size", "lr",
-             "lora_lr", "layers", "rank", "max_length")  # what seeds pooled together must share
+POOL_ARGS = ("model", "split", "train_per_skill", "test_per_skill", "cell_records", "batch_size", "lr",
+             "lora_lr", "layers", "rank", "max_length")  # what seeds pooled together must share (steps: per model)
+
+
+def trained_steps(name, row, args) -> int:
+    """The training steps of a row: a merge's per-skill LoRAs' steps, the run's --steps otherwise."""
+    if "steps" in row:  # a pooled row
+        return row["steps"]
+    return 0 if name == "base" else row["lora_steps_per_skill"] if name == "lora-merge" else args["steps"]
 
 
 def suite_args(a: dict) -> dict:
@@ -501,8 +510,12 @@ def paired_table(reports, scored=None) -> str:
     scored = scored or [correctness(r) for r in reports]
     keys = [k for k in scored[0] if all(k in s for s in scored)]
     pooled = {k: [x for s in scored for x in s[k]] for k in keys}
+    names = {k.split(" ")[0] for k in keys} - {"base"}
+    steps = [f"{n} {trained_steps(n, row, reports[0]['args'])}" + (" per skill" if n == "lora-merge" else "")
+             for n, row in reports[0]["models"].items() if n in names]  # a pool's seeds share each model's
     lines = [f"Held-out exact, pooled over {len(reports)} run(s) (seeds {', '.join(str(r['args']['seed']) for r in reports)})",
-             "", "| model | composition | n | exact | vs | difference (95% CI) | McNemar p |", "|---|---|---|---|---|---|---|"]
+             "", *([f"Training steps: {', '.join(steps)}", ""] if steps else []),
+             "| model | composition | n | exact | vs | difference (95% CI) | McNemar p |", "|---|---|---|---|---|---|---|"]
     baselines = [f"{m} {k}" for m, k in BASELINES if f"{m} {k}" in pooled]
     for key in keys:
         name, kind = key.split(" ")

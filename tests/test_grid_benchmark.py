@@ -127,7 +127,7 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch, capsys):
     bad = json.loads(parts[0].read_text())
     bad["args"]["seed"], bad["models"]["lora-merge"]["lora_steps_per_skill"] = 1, 5
     parts[1].write_text(json.dumps(bad))  # seeds whose merges trained for other lengths do not pool
-    with pytest.raises(SystemExit, match=r"lora-merge rows differ in lora_steps_per_skill \(\[1, 5\]\)"):
+    with pytest.raises(SystemExit, match=r"the lora-merge rows differ in training steps \(\[1, 5\]\)"):
         module.main(["--pool", f"{out},{parts[1]}"])
     with pytest.raises(SystemExit):
         module.parse_args(["--lora-skill-steps", "-1"])
@@ -136,8 +136,16 @@ def test_grid_benchmark_smoke(tmp_path, tiny_model_dir, monkeypatch, capsys):
         module.main(["--pool", str(parts[0]), "--split", "test"])
     saved["args"]["steps"] = 3
     (seed1 / "grid-validation.json").write_text(json.dumps(saved))
-    with pytest.raises(SystemExit, match="differs from the first run in steps"):
-        module.main(["--pool", f"{out},{seed1}"])
+    with pytest.raises(SystemExit, match=r"the loreft rows differ in training steps \(\[2, 3\]\)"):
+        module.main(["--pool", f"{out},{seed1}"])  # one model's seeds trained for other lengths do not pool
+    other_length = json.loads((out / "grid-validation.json").read_text())  # but two models of other lengths do
+    other_length["args"]["steps"] = 3
+    other_length["models"] = {n: other_length["models"][n] for n in ("gated", "positions")}
+    (tmp_path / "other_length.json").write_text(json.dumps(other_length))
+    mixed = module.main(["--pool", f"{parts[0]},{tmp_path / 'other_length.json'}",
+                         "--output-dir", str(tmp_path / "mixed")])["pooled"]
+    assert "Training steps: lora 2, lora-merge 1 per skill, gated 3, positions 3" in mixed
+    assert "| gated | union | %d | " % n_held in mixed and "| lora-merge fitted |" in mixed
     import shutil  # a trained adapter copied to another output dir is reused, not trained again
     other = tmp_path / "other"
     shutil.copytree(out / "gated", other / "gated")
