@@ -185,12 +185,16 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         "suite": suite.name, "skills": suite.skills, "suite_info": suite.info, "eval_split": opts.eval_split,
         "sizes": {"train": len(suite.train), "test": len(suite.test), "composed": len(suite.composed),
                   "validation_per_skill": opts.val_per_skill},
-        "seeds": list(range(opts.seeds)), "max_steps": max_steps, "batch_size": opts.batch_size,
+        # the seeds this report holds (fewer than asked for while a comparison is unfinished)
+        "seeds": list(range(max(len(r) for r in runs.values()))), "seeds_planned": opts.seeds,
+        "max_steps": max_steps, "batch_size": opts.batch_size,
         "specialist_batch_size": opts.specialist_batch_size or opts.batch_size,
         "examples_seen_per_joint_run": max_steps * opts.batch_size,
         "methods": methods, "interference": interference, "interference_by_reference": by_reference,
         "paired_tests": tests,
-        "configs": configs, "options": asdict(opts), "wall_seconds": wall, "base_parameters": base_params,
+        "configs": configs, "options": asdict(opts), "wall_seconds": wall, "report_only": opts.report_only,
+        "run_seconds": sum(r["train_seconds"] + r["seconds"] for rs in runs.values() for r in rs),
+        "base_parameters": base_params,
         "model": opts.model or "smollm2-135m-instruct",
     }
 
@@ -211,8 +215,8 @@ def render_markdown(r: dict) -> str:
         "",
         f"Model {r['model']}; {r['sizes']['train']} train records ({r['sizes']['validation_per_skill']} per skill "
         f"held out for validation) / {r['sizes']['test']} test / {r['sizes']['composed']} composed; scored on "
-        f"{split}; seeds {r['seeds']}; {r['max_steps']} steps x batch {r['batch_size']} = "
-        f"{r['examples_seen_per_joint_run']} examples per joint run; wall time {r['wall_seconds'] / 60:.1f} min. "
+        f"{split}; seeds {r['seeds']}{_unfinished(r)}; {r['max_steps']} steps x batch {r['batch_size']} = "
+        f"{r['examples_seen_per_joint_run']} examples per joint run; {_time(r)}. "
         "Accuracy in % (mean ± sd over seeds); lr chosen on validation unless fixed; NMI: routing NMI "
         "between skill and strongest gate (soft NMI in the routing table).",
         "",
@@ -300,6 +304,17 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _unfinished(r: dict) -> str:
+    planned = r.get("seeds_planned", len(r["seeds"]))
+    return f" of {planned} planned (unfinished)" if planned > len(r["seeds"]) else ""
+
+
+def _time(r: dict) -> str:
+    if r.get("report_only"):  # this process only read finished runs
+        return f"rebuilt from finished runs (their training and scoring: {r['run_seconds'] / 60:.1f} min)"
+    return f"wall time {r['wall_seconds'] / 60:.1f} min"
+
+
 def _slug(label: str) -> str:
     """A file-name form of a method label: csreft[gating=hard] -> csreft-gating=hard."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label.replace("[", "-").replace("]", "")).strip("_")
@@ -307,7 +322,8 @@ def _slug(label: str) -> str:
 
 def summary_lines(r: dict) -> list[str]:
     """What the terminal shows at the end: the main table and a two-line reading."""
-    lines = [f"\n{r['suite']} suite, {r['max_steps']} steps x batch {r['batch_size']}, seeds {len(r['seeds'])}, "
+    lines = [f"\n{r['suite']} suite, {r['max_steps']} steps x batch {r['batch_size']}, seeds {len(r['seeds'])}"
+             f"{_unfinished(r)}, "
              f"scored on {len(r['seeds'])} x {r['sizes']['test'] if r.get('eval_split', 'test') == 'test' else 'validation'} records:",
              f"{'method':<44}{'accuracy':>10}{'composed':>10}{'routing NMI':>13}{'lr':>8}"]
     for name, m in r["methods"].items():
