@@ -243,19 +243,15 @@ def test_an_unfinished_report_says_which_seeds_it_holds(report, monkeypatch, tmp
     for run in (partial / "runs").glob("*-seed1"):  # stopped after seed 0 of a 2-seed comparison
         shutil.rmtree(run)
     monkeypatch.setattr(cmp, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
-    again = compare(dataclasses.replace(r_opts(r), output_dir=str(partial), report_only=True))
+    again = compare(dataclasses.replace(CompareOptions(**r["options"]), output_dir=str(partial), report_only=True))
     assert again["seeds"] == [0] and again["seeds_planned"] == 2
     assert all(m["seeds"] == 1 for m in again["methods"].values())
     md = (partial / "report.md").read_text()
     assert "seeds [0] of 2 planned (unfinished)" in md and "rebuilt from finished runs" in md
-    assert "seeds [0, 1];" in (out / "report.md").read_text() and "wall time" in (out / "report.md").read_text()
+    full = (out / "report.md").read_text()
+    assert "seeds [0, 1];" in full and "wall time" in full
     expected = sum(m["train_seconds"] + m["eval_seconds"] for m in again["methods"].values())
     assert again["run_seconds"] == pytest.approx(expected)
-
-
-def r_opts(r: dict) -> CompareOptions:
-    """The options a report was made with."""
-    return CompareOptions(**r["options"])
 
 
 def test_plateau_reads_the_last_quarter_of_a_curve():
