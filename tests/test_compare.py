@@ -1,5 +1,6 @@
 """The comparison runner end to end on a tiny model: every number in the report comes from the run."""
 
+import dataclasses
 import json
 import re
 import statistics
@@ -167,7 +168,7 @@ def test_lora_at_two_budgets(tuned):
     assert ("csreft[router_input=head,balance_weight=1.0]", "csreft") in pairs
 
 
-def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch):
+def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch, capsys):
     r, out, opts = tuned
     import csreft.comparison.runner as cmp
 
@@ -175,9 +176,13 @@ def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(cmp, "_train", no_training)
-    again = compare(opts)
+    again = compare(dataclasses.replace(opts, quiet=False))
     assert again["methods"]["csreft"]["per_seed_accuracy"] == r["methods"]["csreft"]["per_seed_accuracy"]
     assert again["methods"]["lora"]["lr"] == r["methods"]["lora"]["lr"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[csreft] ")]
+    runs = [line for line in lines if "seed 0" in line or line.startswith("[csreft] selecting lr")]
+    assert len(runs) == 6 + 10  # one line per run: 6 final runs, 10 selection runs, none announced as training
+    assert all("reusing the finished run in " + str(out) in line and "min left" not in line for line in runs)
 
 
 def test_runs_without_a_router_do_not_depend_on_router_defaults():
@@ -215,7 +220,6 @@ def test_demo_says_what_runs_and_ends_with_a_reading(tmp_path, tiny_model_dir, c
 
 
 def test_report_only_uses_finished_runs_and_trains_nothing(tuned, monkeypatch, tmp_path):
-    import dataclasses
     import shutil
 
     import csreft.comparison.runner as cmp
@@ -232,7 +236,6 @@ def test_report_only_uses_finished_runs_and_trains_nothing(tuned, monkeypatch, t
 
 
 def test_an_unfinished_report_says_which_seeds_it_holds(report, monkeypatch, tmp_path):
-    import dataclasses
     import shutil
 
     import csreft.comparison.runner as cmp

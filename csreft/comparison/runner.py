@@ -93,6 +93,14 @@ class Stages:
             eta = f"; about {steps * self.step_s / 60:.1f} min, all runs {(self.total - self.done) * self.step_s / 60:.0f} min left"
         print(f"[csreft] {text}{eta}", flush=True)
 
+    def begin(self, run: str, what: str, steps: int, reused: Path | None) -> None:
+        """Announces a run; a finished one that is reused (from its directory) takes its steps off the total."""
+        if reused:
+            self.total -= steps
+            self.say(f"{run}: reusing the finished run in {reused}")
+        else:
+            self.say(f"{run}: {what}", steps)
+
     def ran(self, steps: int, seconds: float) -> None:
         self.done += steps
         if steps:
@@ -271,13 +279,20 @@ class _Runner:
             return self.configs[method.label]
         return self.configs["loreft"]  # specialists: one LoReFT per skill, LoReFT's rank
 
-    def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict, curve: bool = False) -> dict:
+    def finished(self, method: Method, run_dir: Path, key: dict) -> dict | None:
+        """The saved result of a run with the same settings, or None."""
         saved = run_dir / "result.json"
         if saved.is_file():
             old = json.loads(saved.read_text())
             if _canonical(old.get("key")) == _canonical(key):
                 self.params[method.label] = old.get("parameters", 0)
                 return old
+        return None
+
+    def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict, curve: bool = False) -> dict:
+        old = self.finished(method, run_dir, key)
+        if old is not None:
+            return old
         if self.opts.report_only:
             return None
         shutil.rmtree(run_dir, ignore_errors=True)  # another run's logs and results, not to be appended to
@@ -326,7 +341,7 @@ class _Runner:
             res.setdefault("by_group", {}).setdefault(group, {})["micro_accuracy"] = sum(scored) / max(len(scored), 1)
         res["key"], res["lr"] = key, lr
         run_dir.mkdir(parents=True, exist_ok=True)  # per-example results, for tests of one's own
-        saved.write_text(json.dumps(res))
+        (run_dir / "result.json").write_text(json.dumps(res))
         self.params[method.label] = res.get("parameters", 0)
         return res
 
@@ -395,8 +410,8 @@ def compare(opts: CompareOptions) -> dict:
     select_steps = opts.select_steps or max(1, max_steps // 2)
     n_seen = max_steps * opts.batch_size
 
-    total = (n_select * select_steps
-             + opts.seeds * len(trained) * max_steps + opts.seeds * sum(m.kind == "specialists" for m in trained) * max_steps)
+    # specialists: k runs of about max_steps / k steps at the smaller batch, so about one joint run's time
+    total = n_select * select_steps + opts.seeds * len(trained) * max_steps
     stages = Stages(total, opts.quiet)
     runner = _Runner(base, tokenizer, suite, opts, configs, stages, val)
     shared_key = {"suite": opts.suite, "train_per_skill": opts.train_per_skill, "test_per_skill": opts.test_per_skill,
@@ -420,13 +435,14 @@ def compare(opts: CompareOptions) -> dict:
     for m in to_select:
         scores = {}
         for lr in grid[m.label]:
+            run_dir, key = out / "selection" / f"{_slug(m.label)}-lr{lr:g}", key_for(m, lr, 0, select_steps, "validation")
+            reused = runner.finished(m, run_dir, key) is not None
             if not opts.report_only:
-                stages.say(f"selecting lr for {m.label}: lr {lr:g}, {select_steps} steps, scored on "
-                           f"{len(val)} validation records", select_steps)
+                stages.begin(f"selecting lr for {m.label}, lr {lr:g}", f"{select_steps} steps, scored on {len(val)} "
+                             "validation records", select_steps, run_dir if reused else None)
             t = time.time()
-            res = runner.run(m, lr, 0, sel_stream, val, out / "selection" / f"{_slug(m.label)}-lr{lr:g}",
-                             key_for(m, lr, 0, select_steps, "validation"))
-            stages.ran(select_steps if time.time() - t > 1 else 0, time.time() - t)
+            res = runner.run(m, lr, 0, sel_stream, val, run_dir, key)
+            stages.ran(0 if reused else select_steps, time.time() - t)
             if res is not None:
                 scores[lr] = res["accuracy"]
         if not scores:  # report_only, nothing selected yet
@@ -455,16 +471,16 @@ def compare(opts: CompareOptions) -> dict:
                 continue
             steps = 0 if m.kind == "base" else max_steps
             what = "scoring the frozen base" if m.kind == "base" else f"training {steps} steps at lr {lr:g}"
-            if not opts.report_only:
-                stages.say(f"{m.label}, seed {seed}: {what}, then scoring {len(eval_records)} {opts.eval_split} records",
-                           steps * (2 if m.kind == "specialists" else 1))
-            t = time.time()
-            key = key_for(m, lr, seed, max_steps, opts.eval_split)
+            run_dir, key = out / "runs" / f"{_slug(m.label)}-seed{seed}", key_for(m, lr, seed, max_steps, opts.eval_split)
             if opts.eval_every and m.kind not in ("base", "specialists"):  # a run without its curve is redone
                 key["eval_every"] = opts.eval_every
-            res = runner.run(m, lr, seed, stream, eval_records, out / "runs" / f"{_slug(m.label)}-seed{seed}",
-                             key, curve=True)
-            stages.ran(steps if time.time() - t > 1 else 0, time.time() - t)
+            reused = runner.finished(m, run_dir, key) is not None
+            if not opts.report_only:
+                stages.begin(f"{m.label}, seed {seed}", f"{what}, then scoring {len(eval_records)} {opts.eval_split} "
+                             "records", steps, run_dir if reused else None)
+            t = time.time()
+            res = runner.run(m, lr, seed, stream, eval_records, run_dir, key, curve=True)
+            stages.ran(0 if reused else steps, time.time() - t)
             if res is None:  # report_only: this run is not there
                 stages.say(f"{m.label}, seed {seed}: not in {out}, left out of the report")
                 continue
