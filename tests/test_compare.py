@@ -214,6 +214,7 @@ def test_demo_says_what_runs_and_ends_with_a_reading(tmp_path, tiny_model_dir, c
           "--composed", "6", "--max-length", "64", "--output-dir", str(tmp_path / "demo")])
     out = capsys.readouterr().out
     assert "[csreft] loreft, seed 0: training" in out and "[csreft] csreft, seed 0: training" in out
+    assert re.search(r"\[csreft\] base, seed 0: scoring the frozen base on \d+ test records\n", out)
     assert "Reading: CS-ReFT (csreft) is" in out and "routing NMI" in out
     assert "{'loss'" not in out and '"csreft_config"' not in out  # no raw log dictionaries or JSON dumps
     assert f"full report: {tmp_path / 'demo' / 'report.md'}" in out
@@ -253,6 +254,11 @@ def test_an_unfinished_report_says_which_seeds_it_holds(report, monkeypatch, tmp
     assert "seeds [0] of 2 planned (unfinished)" in md and "rebuilt from finished runs" in md
     full = (out / "report.md").read_text()
     assert "seeds [0, 1];" in full and "wall time" in full
+    shutil.copytree(out / "runs", partial / "runs", dirs_exist_ok=True)
+    shutil.rmtree(partial / "runs" / "loreft-seed1")  # every method but one has both seeds
+    compare(dataclasses.replace(CompareOptions(**r["options"]), output_dir=str(partial), report_only=True))
+    n = len(again["methods"])
+    assert f"seeds [0, 1] of 2 planned (unfinished: 1 of {n} methods have fewer);" in (partial / "report.md").read_text()
     expected = sum(m["train_seconds"] + m["eval_seconds"] for m in again["methods"].values())
     assert again["run_seconds"] == pytest.approx(expected)
 

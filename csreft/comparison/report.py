@@ -305,8 +305,13 @@ def render_markdown(r: dict) -> str:
 
 
 def _unfinished(r: dict) -> str:
+    """' of 3 planned (unfinished)' while any method holds fewer seeds than were asked for."""
     planned = r.get("seeds_planned", len(r["seeds"]))
-    return f" of {planned} planned (unfinished)" if planned > len(r["seeds"]) else ""
+    short = sum(m.get("seeds", len(r["seeds"])) < planned for m in r["methods"].values())
+    if not short:
+        return ""
+    some = f": {short} of {len(r['methods'])} methods have fewer" if short < len(r["methods"]) else ""
+    return f" of {planned} planned (unfinished{some})"
 
 
 def _time(r: dict) -> str:

@@ -470,13 +470,13 @@ def compare(opts: CompareOptions) -> dict:
             if m.kind != "base" and lr is None:  # report_only: no learning rate chosen yet
                 continue
             steps = 0 if m.kind == "base" else max_steps
-            what = "scoring the frozen base" if m.kind == "base" else f"training {steps} steps at lr {lr:g}"
+            what = f"training {steps} steps at lr {lr:g}, then scoring" if steps else "scoring the frozen base on"
             run_dir, key = out / "runs" / f"{_slug(m.label)}-seed{seed}", key_for(m, lr, seed, max_steps, opts.eval_split)
             if opts.eval_every and m.kind not in ("base", "specialists"):  # a run without its curve is redone
                 key["eval_every"] = opts.eval_every
             reused = runner.finished(m, run_dir, key) is not None
             if not opts.report_only:
-                stages.begin(f"{m.label}, seed {seed}", f"{what}, then scoring {len(eval_records)} {opts.eval_split} "
+                stages.begin(f"{m.label}, seed {seed}", f"{what} {len(eval_records)} {opts.eval_split} "
                              "records", steps, run_dir if reused else None)
             t = time.time()
             res = runner.run(m, lr, seed, stream, eval_records, run_dir, key, curve=True)
