@@ -279,7 +279,7 @@ class _Runner:
             return self.configs[method.label]
         return self.configs["loreft"]  # specialists: one LoReFT per skill, LoReFT's rank
 
-    def finished(self, method: Method, run_dir: Path, key: dict) -> dict | None:
+    def _finished(self, method: Method, run_dir: Path, key: dict) -> dict | None:
         """The saved result of a run with the same settings, or None."""
         saved = run_dir / "result.json"
         if saved.is_file():
@@ -289,12 +289,22 @@ class _Runner:
                 return old
         return None
 
-    def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict, curve: bool = False) -> dict:
-        old = self.finished(method, run_dir, key)
+    def run(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict, name: str, what: str,
+            steps: int, curve: bool = False) -> dict | None:
+        """Announces the run `name` (`what` it does, `steps` for the ETA) and returns its result: the saved one of
+        a run with the same settings if there is one; None under --report-only when there is none."""
+        old = self._finished(method, run_dir, key)
+        if self.opts.report_only:
+            return old
+        self.stages.begin(name, what, steps, run_dir if old is not None else None)
         if old is not None:
             return old
-        if self.opts.report_only:
-            return None
+        t = time.time()
+        res = self._fresh(method, lr, seed, stream, eval_records, run_dir, key, curve)
+        self.stages.ran(steps, time.time() - t)
+        return res
+
+    def _fresh(self, method: Method, lr, seed, stream, eval_records, run_dir: Path, key: dict, curve: bool) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)  # another run's logs and results, not to be appended to
         set_seed(seed)
         base, tokenizer, suite, opts = self.base, self.tokenizer, self.suite, self.opts
@@ -436,13 +446,8 @@ def compare(opts: CompareOptions) -> dict:
         scores = {}
         for lr in grid[m.label]:
             run_dir, key = out / "selection" / f"{_slug(m.label)}-lr{lr:g}", key_for(m, lr, 0, select_steps, "validation")
-            reused = runner.finished(m, run_dir, key) is not None
-            if not opts.report_only:
-                stages.begin(f"selecting lr for {m.label}, lr {lr:g}", f"{select_steps} steps, scored on {len(val)} "
-                             "validation records", select_steps, run_dir if reused else None)
-            t = time.time()
-            res = runner.run(m, lr, 0, sel_stream, val, run_dir, key)
-            stages.ran(0 if reused else select_steps, time.time() - t)
+            res = runner.run(m, lr, 0, sel_stream, val, run_dir, key, f"selecting lr for {m.label}, lr {lr:g}",
+                             f"{select_steps} steps, scored on {len(val)} validation records", select_steps)
             if res is not None:
                 scores[lr] = res["accuracy"]
         if not scores:  # report_only, nothing selected yet
@@ -474,13 +479,8 @@ def compare(opts: CompareOptions) -> dict:
             run_dir, key = out / "runs" / f"{_slug(m.label)}-seed{seed}", key_for(m, lr, seed, max_steps, opts.eval_split)
             if opts.eval_every and m.kind not in ("base", "specialists"):  # a run without its curve is redone
                 key["eval_every"] = opts.eval_every
-            reused = runner.finished(m, run_dir, key) is not None
-            if not opts.report_only:
-                stages.begin(f"{m.label}, seed {seed}", f"{what} {len(eval_records)} {opts.eval_split} "
-                             "records", steps, run_dir if reused else None)
-            t = time.time()
-            res = runner.run(m, lr, seed, stream, eval_records, run_dir, key, curve=True)
-            stages.ran(0 if reused else steps, time.time() - t)
+            res = runner.run(m, lr, seed, stream, eval_records, run_dir, key, f"{m.label}, seed {seed}",
+                             f"{what} {len(eval_records)} {opts.eval_split} records", steps, curve=True)
             if res is None:  # report_only: this run is not there
                 stages.say(f"{m.label}, seed {seed}: not in {out}, left out of the report")
                 continue
