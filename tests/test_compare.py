@@ -87,6 +87,11 @@ def test_report_numbers_come_from_the_runs(report):
     assert len(kept["correct"]) == r["sizes"]["test"]
     assert kept["accuracy"] == pytest.approx(r["methods"]["csreft"]["per_seed_accuracy"][1])
     assert len(json.loads((out / "runs" / "base-seed0" / "result.json").read_text())["correct"]) == r["sizes"]["test"]
+    # the frozen base has no seed: scored once, its answers stand for every seed, its seconds counted once
+    assert not (out / "runs" / "base-seed1").exists()
+    assert r["methods"]["base"]["seeds"] == 2 and len(set(r["methods"]["base"]["per_seed_accuracy"])) == 1
+    saved = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
+    assert r["run_seconds"] == pytest.approx(sum(x["train_seconds"] + x["seconds"] for x in saved))
 
 
 def test_cli_rejects_unknown_method(capsys):

@@ -122,6 +122,9 @@ def _pairs(kinds: dict) -> list[tuple[str, str]]:
 
 def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kinds, selection) -> dict:
     base_params = sum(p.numel() for p in base.parameters())
+    # the frozen base has no seed: its one scoring stands for every seed the trained methods have
+    n_seeds = max((len(rs) for label, rs in runs.items() if kinds[label] != "base"), default=1)
+    runs = {label: rs[:1] * n_seeds if kinds[label] == "base" else rs for label, rs in runs.items()}
     methods = {}
     for label, results in runs.items():
         per_skill = {s: _mean_sd([r["per_skill"][s]["accuracy"] for r in results if s in r["per_skill"]])
@@ -193,7 +196,8 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         "methods": methods, "interference": interference, "interference_by_reference": by_reference,
         "paired_tests": tests,
         "configs": configs, "options": asdict(opts), "wall_seconds": wall, "report_only": opts.report_only,
-        "run_seconds": sum(r["train_seconds"] + r["seconds"] for rs in runs.values() for r in rs),
+        # each run once: the base's one result stands for every seed
+        "run_seconds": sum(r["train_seconds"] + r["seconds"] for r in {id(r): r for rs in runs.values() for r in rs}.values()),
         "base_parameters": base_params,
         "model": opts.model or "smollm2-135m-instruct",
     }

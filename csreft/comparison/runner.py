@@ -471,6 +471,8 @@ def compare(opts: CompareOptions) -> dict:
     for seed in range(opts.seeds):
         stream = training_stream(pool, n_seen, seed)
         for m in methods:
+            if m.kind == "base" and seed:  # frozen and scored greedily: seed 0's answers are every seed's
+                continue
             lr = None if m.kind == "base" else lr_of(m)
             if m.kind != "base" and lr is None:  # report_only: no learning rate chosen yet
                 continue
