@@ -41,6 +41,17 @@ def test_report_files_and_methods(report):
             assert (out / f"gates-{method}-seed{seed}.png").stat().st_size > 1000
 
 
+def test_every_report_table_renders(report):
+    """A Markdown table renders only when its delimiter row has as many cells as its header and rows."""
+    lines = (report[1] / "report.md").read_text().splitlines()
+    tables = [i for i, line in enumerate(lines) if re.fullmatch(r"(\|---)+\|", line)]
+    assert len(tables) >= 4
+    for i in tables:
+        width = lines[i].count("|") - 1
+        rows = [lines[i - 1]] + [line for line in lines[i + 1:] if line.startswith("|")][:1]
+        assert all(row.count("|") - 1 == width for row in rows), (lines[i - 1], lines[i])
+
+
 def test_report_numbers_come_from_the_runs(report):
     r, out = report
     k = len(r["skills"])

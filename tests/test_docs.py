@@ -46,3 +46,14 @@ def test_readme_is_a_front_page_whose_links_resolve():
         for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if not link.startswith(("http://", "https://")):
                 assert (page.parent / link).exists(), f"{page.relative_to(ROOT)}: broken link {link}"
+
+
+def test_every_markdown_table_renders():
+    """GitHub shows a table as plain text when its delimiter row has a different cell count from its header."""
+    bad = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines[1:], 1):
+            if re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", line) and lines[i - 1].count("|") != line.count("|"):
+                bad.append(f"{path.relative_to(ROOT)}:{i + 1}")
+    assert not bad, bad

@@ -225,7 +225,7 @@ def render_markdown(r: dict) -> str:
         "between skill and strongest gate (soft NMI in the routing table).",
         "",
         "| method | " + " | ".join(skills) + " | mean | composed | NMI | lr | val | trainable | PE% | train s | eval s |",
-        "|---" * (len(skills) + 11) + "|",
+        "|---" * (len(skills) + 10) + "|",
     ]
     for name, m in r["methods"].items():
         cells = [_fmt(m["per_skill"][s]["mean"], m["per_skill"][s]["sd"]) for s in skills]
