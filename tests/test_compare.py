@@ -354,3 +354,16 @@ def test_specialists_at_two_ranks_are_both_references(tmp_path, tiny_model_dir):
     md = (tmp_path / "report.md").read_text()
     assert "Interference against specialists[rank=2] (one LoReFT of rank 2 per skill)" in md
     assert f"Interference against specialists (one LoReFT of rank {2 * k} per skill)" in md
+
+
+def test_the_base_alone_is_scored_once_and_the_report_is_finished(tmp_path, tiny_model_dir, monkeypatch):
+    import csreft.comparison.runner as cmp
+
+    scored = []
+    evaluate = cmp._evaluate
+    monkeypatch.setattr(cmp, "_evaluate", lambda *a, **k: scored.append(1) or evaluate(*a, **k))
+    out = tmp_path / "base"
+    r = compare(CompareOptions(suite="builtin", seeds=3, methods="base", train_per_skill=2, test_per_skill=1,
+                               composed=0, model=str(tiny_model_dir), output_dir=str(out), max_length=64, quiet=True))
+    assert len(scored) == 1 and r["seeds"] == [0, 1, 2] and r["methods"]["base"]["seeds"] == 3
+    assert "unfinished" not in (out / "report.md").read_text()

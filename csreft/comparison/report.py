@@ -123,7 +123,7 @@ def _pairs(kinds: dict) -> list[tuple[str, str]]:
 def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kinds, selection) -> dict:
     base_params = sum(p.numel() for p in base.parameters())
     # the frozen base has no seed: its one scoring stands for every seed the trained methods have
-    n_seeds = max((len(rs) for label, rs in runs.items() if kinds[label] != "base"), default=1)
+    n_seeds = max((len(rs) for label, rs in runs.items() if kinds[label] != "base"), default=opts.seeds)
     runs = {label: rs[:1] * n_seeds if kinds[label] == "base" else rs for label, rs in runs.items()}
     methods = {}
     for label, results in runs.items():
