@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -199,6 +200,20 @@ def test_identical_runs_are_reused_not_retrained(tuned, monkeypatch, capsys):
     runs = [line for line in lines if "seed 0" in line or line.startswith("[csreft] selecting lr")]
     assert len(runs) == 6 + 10  # one line per run: 6 final runs, 10 selection runs, none announced as training
     assert all("reusing the finished run in " + str(out) in line and "min left" not in line for line in runs)
+
+
+def test_only_lines_that_train_carry_an_estimate(capsys):
+    from csreft.comparison.runner import Stages
+
+    stages = Stages(30, quiet=False)
+    stages.begin("loreft, seed 0", "training 10 steps", 10, None)
+    stages.ran(10, 60.0)  # 6 s a step
+    stages.begin("csreft, seed 0", "training", 10, Path("runs/csreft-seed0"))
+    stages.say("csreft: lr 0.003")
+    stages.begin("lora, seed 0", "training 10 steps", 10, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["[csreft] csreft, seed 0: reusing the finished run in runs/csreft-seed0", "[csreft] csreft: lr 0.003"]
+    assert lines[3] == "[csreft] lora, seed 0: training 10 steps; about 1.0 min, all runs 1 min left"
 
 
 def test_runs_without_a_router_do_not_depend_on_router_defaults():

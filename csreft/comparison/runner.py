@@ -89,7 +89,7 @@ class Stages:
         if self.quiet:
             return
         eta = ""
-        if self.step_s:
+        if self.step_s and steps:  # lines of no steps (a reused run, a chosen rate) carry no estimate
             eta = f"; about {steps * self.step_s / 60:.1f} min, all runs {(self.total - self.done) * self.step_s / 60:.0f} min left"
         print(f"[csreft] {text}{eta}", flush=True)
 
