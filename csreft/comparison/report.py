@@ -122,6 +122,7 @@ def _pairs(kinds: dict) -> list[tuple[str, str]]:
 
 def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kinds, selection) -> dict:
     base_params = sum(p.numel() for p in base.parameters())
+    run_seconds = sum(r["train_seconds"] + r["seconds"] for rs in runs.values() for r in rs)  # each run once
     # the frozen base has no seed: its one scoring stands for every seed the trained methods have
     n_seeds = max((len(rs) for label, rs in runs.items() if kinds[label] != "base"), default=opts.seeds)
     runs = {label: rs[:1] * n_seeds if kinds[label] == "base" else rs for label, rs in runs.items()}
@@ -196,8 +197,7 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         "methods": methods, "interference": interference, "interference_by_reference": by_reference,
         "paired_tests": tests,
         "configs": configs, "options": asdict(opts), "wall_seconds": wall, "report_only": opts.report_only,
-        # each run once: the base's one result stands for every seed
-        "run_seconds": sum(r["train_seconds"] + r["seconds"] for r in {id(r): r for rs in runs.values() for r in rs}.values()),
+        "run_seconds": run_seconds,
         "base_parameters": base_params,
         "model": opts.model or "smollm2-135m-instruct",
     }
@@ -224,8 +224,7 @@ def render_markdown(r: dict) -> str:
         "Accuracy in % (mean ± sd over seeds); lr chosen on validation unless fixed; NMI: routing NMI "
         "between skill and strongest gate (soft NMI in the routing table).",
         "",
-        "| method | " + " | ".join(skills) + " | mean | composed | NMI | lr | val | trainable | PE% | train s | eval s |",
-        "|---" * (len(skills) + 10) + "|",
+        *_head("method", *skills, "mean", "composed", "NMI", "lr", "val", "trainable", "PE%", "train s", "eval s"),
     ]
     for name, m in r["methods"].items():
         cells = [_fmt(m["per_skill"][s]["mean"], m["per_skill"][s]["sd"]) for s in skills]
@@ -242,7 +241,7 @@ def render_markdown(r: dict) -> str:
     if routed:
         lines += ["", "Routing (on the scored split): NMI(skill; strongest gate) and soft NMI (gate vectors), "
                   "mean ± sd over seeds; 0 = the same gates for every skill, 1 = one subspace group per skill.", "",
-                  "| method | NMI | soft NMI | heatmaps |", "|---|---|---|---|"]
+                  *_head("method", "NMI", "soft NMI", "heatmaps")]
         for name, m in routed.items():
             maps = ", ".join(f"gates-{_slug(name)}-seed{s}.png" for s in r["seeds"][:len(m["gates"])])
             lines.append(f"| {name} | {_fmt(m['routing_nmi']['mean'], m['routing_nmi']['sd'], False)} | "
@@ -252,8 +251,7 @@ def render_markdown(r: dict) -> str:
         groups = sorted({g for m in grouped.values() for g in m["by_group"]})
         lines += ["", "By test group (the paraphrase suite: instructions seen in training or held out): "
                   "micro accuracy in %, routing NMI; mean over seeds.", "",
-                  "| method | " + " | ".join(f"{g} acc | {g} NMI" for g in groups) + " |",
-                  "|---" * (2 * len(groups) + 1) + "|"]
+                  *_head("method", *(f"{g} {what}" for g in groups for what in ("acc", "NMI")))]
         for name, m in grouped.items():
             cells = []
             for g in groups:
@@ -266,8 +264,7 @@ def render_markdown(r: dict) -> str:
         lines += ["", f"Learning curves (validation accuracy in %, mean over seeds; curves.png). Plateaued: less "
                   f"than {100 * PLATEAU_GAIN:g} point gained over the last quarter of the steps; plateau step: the "
                   f"first point no later one beats by {100 * PLATEAU_GAIN:g} point.", "",
-                  "| method | steps | start | best | final | gain, last quarter | plateaued | plateau step |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  *_head("method", "steps", "start", "best", "final", "gain, last quarter", "plateaued", "plateau step")]
         for name, m in curved.items():
             p = m["plateau"]
             lines.append(f"| {name} | {m['curve'][-1]['step']} | {_fmt(m['curve'][0]['accuracy'])} | {_fmt(p['best'])} | "
@@ -279,7 +276,7 @@ def render_markdown(r: dict) -> str:
         rank = r["configs"].get(spec_label, r["configs"]["loreft"])["rank"]
         lines += ["", f"Interference against {spec_label} (one LoReFT of rank {rank} per skill) = specialist "
                   "accuracy - joint accuracy (points; positive = the joint run lost accuracy to sharing).", "",
-                  "| method | " + " | ".join(skills) + " | mean |", "|---" * (len(skills) + 2) + "|"]
+                  *_head("method", *skills, "mean")]
         for name, v in table.items():
             cells = [f"{v['per_skill'][s] * 100:+.1f}" if s in v["per_skill"] else "n/a" for s in skills]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['mean'] * 100:+.1f} |")
@@ -292,7 +289,7 @@ def render_markdown(r: dict) -> str:
                       ", ".join(f"{s} {n:.0f} examples ({math.ceil(n / bs)} steps)" for s, n in per.items()) + "."]
     if r["paired_tests"]:
         lines += ["", "Paired tests on the same examples, pooled over seeds (difference = a - b, points).", "",
-                  "| a | b | n | difference (95% CI) | McNemar p |", "|---|---|---|---|---|"]
+                  *_head("a", "b", "n", "difference (95% CI)", "McNemar p")]
         for t in r["paired_tests"]:
             lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {t['accuracy_difference'] * 100:+.1f} "
                          f"({t['ci95'][0] * 100:+.1f}, {t['ci95'][1] * 100:+.1f}) | {t['mcnemar_p']:.3g} |")
@@ -300,12 +297,17 @@ def render_markdown(r: dict) -> str:
     if chosen:
         lines += ["", "Learning rates: validation accuracy (%) per grid value, seed 0, "
                   f"{next(iter(chosen.values()))['steps']} steps each; the best is used (ties: the smaller).", "",
-                  "| method | lr grid: validation accuracy | chosen |", "|---|---|---|"]
+                  *_head("method", "lr grid: validation accuracy", "chosen")]
         for n, s in chosen.items():
             grid = ", ".join(f"{float(lr):g}: {100 * acc:.1f}" for lr, acc in s["validation_accuracy"].items())
             lines.append(f"| {n} | {grid} | {s['lr']:g} |")
     lines += ["", "Configurations, options and per-example results: report.json and runs/*/result.json.", ""]
     return "\n".join(lines)
+
+
+def _head(*cells: str) -> list[str]:
+    """A Markdown table's header and delimiter rows, of one width (else GitHub shows the table as text)."""
+    return ["| " + " | ".join(cells) + " |", "|---" * len(cells) + "|"]
 
 
 def _unfinished(r: dict) -> str:
