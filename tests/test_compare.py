@@ -305,8 +305,17 @@ def test_plateau_reads_the_last_quarter_of_a_curve():
     flat = plateau(curve(0.2, 0.6, 0.7, 0.705, 0.70))
     assert flat["plateaued"] and flat["step"] == 20 and flat["best"] == 0.705 and flat["final"] == 0.70
     assert plateau(curve(0.5, 0.3, 0.2, 0.1, 0.1))["step"] == 0  # nothing later beats the start
-    a, b = curve(0.2, 0.4, 0.6), curve(0.4, 0.6, 0.8, 0.9)
+    # the last quarter is of the planned steps: a run that ended at 39 of 40 reads from step 30
+    short = curve(0.2, 0.4, 0.5, 0.8) + [{"step": 39, "accuracy": 0.85}]
+    assert plateau(short)["gain_last_quarter"] == pytest.approx(0.35)  # from step 20 (3/4 of 39 = 29.25)
+    assert plateau(short, planned=40)["gain_last_quarter"] == pytest.approx(0.05)  # from step 30
+    # seeds' curves: mean at the common steps; the ends of one planned length, a step apart, together
+    a = curve(0.2, 0.4, 0.6)
+    b = curve(0.4, 0.6)[:2] + [{"step": 19, "accuracy": 0.8}]
     assert mean_curve([a, b]) == [{"step": s, "accuracy": pytest.approx(v)} for s, v in ((0, 0.3), (10, 0.5), (20, 0.7))]
+    c = curve(0.4, 0.6, 0.8, 0.9)  # a point where another curve has none is left out
+    c[1]["step"] = 5
+    assert [p["step"] for p in mean_curve([a, c])] == [0, 30]
 
 
 def test_eval_every_must_be_positive_and_needs_validation():

@@ -40,12 +40,13 @@ def plot_gates(matrix, skills, path: Path, title: str) -> None:
 PLATEAU_GAIN = 0.01  # plateaued: less than 1 point of validation accuracy gained over the last quarter
 
 
-def plateau(curve: list[dict]) -> dict:
+def plateau(curve: list[dict], planned: int | None = None) -> dict:
     """Where a learning curve [{"step", "accuracy"}, ...] levels off. gain_last_quarter: the last
-    point's accuracy minus that of the last point at or before 3/4 of the steps; plateaued:
-    that gain < PLATEAU_GAIN; step: the first point that no later point beats by PLATEAU_GAIN."""
+    point's accuracy minus that of the last point at or before 3/4 of the `planned` steps (default:
+    the last point's step); plateaued: that gain < PLATEAU_GAIN; step: the first point that no
+    later point beats by PLATEAU_GAIN."""
     steps, acc = [p["step"] for p in curve], [p["accuracy"] for p in curve]
-    quarter = max(i for i, s in enumerate(steps) if s <= 0.75 * steps[-1])
+    quarter = max(i for i, s in enumerate(steps) if s <= 0.75 * max(planned or 0, steps[-1]))
     gain = acc[-1] - acc[quarter]
     first = next(i for i in range(len(acc)) if max(acc[i:]) - acc[i] < PLATEAU_GAIN)
     return {"gain_last_quarter": gain, "plateaued": gain < PLATEAU_GAIN, "step": steps[first],
@@ -53,10 +54,17 @@ def plateau(curve: list[dict]) -> dict:
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
-    """The seeds' mean accuracy at the steps every curve has."""
-    common = sorted(set.intersection(*(set(p["step"] for p in c) for c in curves)))
-    at = [{p["step"]: p["accuracy"] for p in c} for c in curves]
-    return [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common]
+    """The seeds' mean accuracy at the steps every curve has, and at the end. Runs of one report
+    have one planned length, but a run ends a few steps short where its stream held records that
+    do not fit --max-length (they are dropped), so the last points, past every common step, are
+    averaged together at the latest of them."""
+    at = [{p["step"]: p["accuracy"] for p in c[:-1]} for c in curves]
+    common = sorted(set.intersection(*(set(a) for a in at)))
+    out = [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common]
+    if all(c[-1]["step"] > (common[-1] if common else -1) for c in curves):
+        out.append({"step": max(c[-1]["step"] for c in curves),
+                    "accuracy": statistics.mean(c[-1]["accuracy"] for c in curves)})
+    return out
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -159,7 +167,7 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         curves = [r["curve"] for r in results if r.get("curve")]
         if curves:
             methods[label]["curve"] = mean_curve(curves)
-            methods[label]["plateau"] = plateau(methods[label]["curve"])
+            methods[label]["plateau"] = plateau(methods[label]["curve"], max_steps)
     by_reference = {}  # per specialists method (e.g. rank k r and rank r), per joint method
     for spec_label, spec in methods.items():
         if spec["kind"] != "specialists":
