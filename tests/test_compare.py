@@ -240,15 +240,50 @@ def test_runs_saved_before_a_config_field_existed_are_reused():
 
 
 def test_demo_says_what_runs_and_ends_with_a_reading(tmp_path, tiny_model_dir, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
     main(["demo", "--model", str(tiny_model_dir), "--max-minutes", "0.2", "--layers", "1,2", "--rank", "2",
           "--router-hidden", "16", "--train-per-skill", "6", "--test-per-skill", "2", "--val-per-skill", "1",
           "--composed", "6", "--max-length", "64", "--output-dir", str(tmp_path / "demo")])
     out = capsys.readouterr().out
+    assert re.search(r"--max-minutes 0.2: \d+ steps per run \(a step took [\d.]+ s on \d+ threads?", out)
     assert "[csreft] loreft, seed 0: training" in out and "[csreft] csreft, seed 0: training" in out
     assert re.search(r"\[csreft\] base, seed 0: scoring the frozen base on \d+ test records\n", out)
     assert "Reading: CS-ReFT (csreft) is" in out and "routing NMI" in out
     assert "{'loss'" not in out and '"csreft_config"' not in out  # no raw log dictionaries or JSON dumps
     assert f"full report: {tmp_path / 'demo' / 'report.md'}" in out
+    assert torch.get_num_threads() == threads  # the calibration's choice ends with the comparison
+
+
+@pytest.mark.parametrize("one_thread_s, expected_threads", [(1.0, 1), (6.0, 2)])
+def test_step_calibration_trains_on_the_faster_thread_count(monkeypatch, tiny, one_thread_s, expected_threads):
+    """On a CPU another job shares, one thread can beat torch's two; the steps follow the faster."""
+    import torch
+
+    import csreft.comparison.runner as cmp
+    from csreft.config import CSReftConfig
+    from csreft.evaluation.suites import builtin_suite
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cmp, "_step_seconds", lambda *a: one_thread_s if torch.get_num_threads() == 1 else 3.0)
+    before = torch.get_num_threads()
+    opts = CompareOptions(batch_size=2, max_length=64)
+    cfg = CSReftConfig(layers=[1, 2], rank=2, num_subspaces=6, positions="f2+l2", router_hidden=16)
+    try:
+        torch.set_num_threads(2)
+        steps, per_step = cmp._calibrate_steps(tiny, tok, builtin_suite(train_per_skill=2, test_per_skill=1),
+                                               cfg, opts, budget_s=120.0, n_train_runs=2)
+        assert per_step == {2: 3.0, 1: one_thread_s}
+        assert torch.get_num_threads() == expected_threads and steps == int(60 / per_step[expected_threads])
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own choice is kept
+        torch.set_num_threads(2)
+        assert cmp._calibrate_steps(tiny, tok, builtin_suite(train_per_skill=2, test_per_skill=1),
+                                    cfg, opts, 120.0, 2)[1] == {2: 3.0} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_report_only_uses_finished_runs_and_trains_nothing(tuned, monkeypatch, tmp_path):

@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
-
 import shutil
 import statistics
 import time
@@ -233,24 +233,39 @@ def _groups(records) -> dict[str, list[int]]:
             out.setdefault(r["group"], []).append(i)
     return out
 
-def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_train_runs: int) -> int:
-    """Steps per run that fit `budget_s` seconds of training, from two timed steps."""
+def _step_seconds(model, batch, opt) -> float:
+    """Wall seconds of one training step: forward, backward, optimizer."""
+    t = time.time()
+    model(**batch, full_logits=False).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return time.time() - t
+
+
+def _calibrate_steps(base, tokenizer, suite, config, opts, budget_s: float, n_train_runs: int) -> tuple[int, dict]:
+    """(steps per run that fit `budget_s` seconds of training, {threads: seconds per step}),
+    from timed steps. Unless OMP_NUM_THREADS is set, the steps are timed on torch's threads and
+    on one, and torch keeps the faster count: where another job holds a core, torch's threads
+    wait on each other at every operation, and one thread can be the faster (3.0 s against 4.4
+    to 9.1 s per step here, both cores busy)."""
     model = get_csreft_model(base, config)
     data = SupervisedDataset(suite.train[: opts.batch_size], tokenizer, opts.max_length)
     batch = Collator(tokenizer.pad_token_id)([data[i] for i in range(len(data))])
     for statistics_only in ("answer_mask", "skill_ids"):  # what the trainer logs, not model inputs
         batch.pop(statistics_only, None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
-    times = []
-    for _ in range(2):
-        t = time.time()
-        model(**batch, full_logits=False).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.time() - t)
+    counts = [torch.get_num_threads()]
+    if counts[0] > 1 and "OMP_NUM_THREADS" not in os.environ:
+        counts.append(1)
+    _step_seconds(model, batch, opt)  # warm-up: first-call allocations
+    per_step = {}
+    for n in counts:
+        torch.set_num_threads(n)
+        per_step[n] = min(_step_seconds(model, batch, opt) for _ in range(2))
+    threads = min(counts, key=lambda n: per_step[n])  # ties: torch's own count
+    torch.set_num_threads(threads)
     model.remove_hooks()
-    per_step = min(times)
-    return max(5, int(budget_s / max(n_train_runs, 1) / per_step))
+    return max(5, int(budget_s / max(n_train_runs, 1) / per_step[threads])), per_step
 
 class _Runner:
     """Trains and scores one method at one learning rate and seed; reuses identical runs."""
@@ -363,7 +378,16 @@ class _Runner:
         return counts["total"] if kind == "lora" else counts["edits"]
 
 def compare(opts: CompareOptions) -> dict:
-    """Run the comparison; returns the report (also written to opts.output_dir)."""
+    """Run the comparison; returns the report (also written to opts.output_dir). --max-minutes
+    may train on fewer threads (see _calibrate_steps); torch's thread count is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        return _compare(opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(opts: CompareOptions) -> dict:
     from ..base_models import DEFAULT_MODEL, load_base
     from ..evaluation.suites import get_suite
 
@@ -411,18 +435,24 @@ def compare(opts: CompareOptions) -> dict:
     to_select = [m for m in to_select if m.kind != "specialists"]
     grid = {m.label: (opts.lr_grid_lora if m.kind.startswith("lora") else opts.lr_grid_reft) for m in to_select}
     n_select = sum(len(g) for g in grid.values())
+    calibrated = None
     if opts.max_minutes is not None:  # runs of max_steps, selection runs of half as many
         eval_s = 30.0 * len(eval_records) / 120
         budget = opts.max_minutes * 60 - (1 + opts.seeds * len(trained) + n_select) * eval_s * 1.1
         n_runs = opts.seeds * (len(trained) + sum(m.kind == "specialists" for m in trained)) + n_select / 2
-        steps = _calibrate_steps(base, tokenizer, suite, configs["csreft"], opts, max(budget, 0) * 0.85, n_runs)
+        steps, per_step = _calibrate_steps(base, tokenizer, suite, configs["csreft"], opts, max(budget, 0) * 0.85, n_runs)
         max_steps = steps if opts.max_steps is None else min(steps, opts.max_steps)
+        timed = ", ".join(f"{s:.2f} s on {n} thread{'s' * (n > 1)}" for n, s in per_step.items())
+        calibrated = f"--max-minutes {opts.max_minutes:g}: {max_steps} steps per run (a step took {timed}; " \
+                     f"training on {torch.get_num_threads()})"
     select_steps = opts.select_steps or max(1, max_steps // 2)
     n_seen = max_steps * opts.batch_size
 
     # specialists: k runs of about max_steps / k steps at the smaller batch, so about one joint run's time
     total = n_select * select_steps + opts.seeds * len(trained) * max_steps
     stages = Stages(total, opts.quiet)
+    if calibrated:
+        stages.say(calibrated)
     runner = _Runner(base, tokenizer, suite, opts, configs, stages, val)
     shared_key = {"suite": opts.suite, "train_per_skill": opts.train_per_skill, "test_per_skill": opts.test_per_skill,
                   "val_per_skill": opts.val_per_skill, "composed": opts.composed, "batch_size": opts.batch_size,
