@@ -330,7 +330,7 @@ def test_an_unfinished_report_says_which_seeds_it_holds(report, monkeypatch, tmp
 
 
 def test_plateau_reads_the_last_quarter_of_a_curve():
-    from csreft.comparison.report import mean_curve, plateau
+    from csreft.comparison.report import gain_ci, mean_curve, plateau
 
     def curve(*acc, every=10):
         return [{"step": every * i, "accuracy": a} for i, a in enumerate(acc)]
@@ -348,6 +348,12 @@ def test_plateau_reads_the_last_quarter_of_a_curve():
     a = curve(0.2, 0.4, 0.6)
     b = curve(0.4, 0.6)[:2] + [{"step": 19, "accuracy": 0.8}]
     assert mean_curve([a, b]) == [{"step": s, "accuracy": pytest.approx(v)} for s, v in ((0, 0.3), (10, 0.5), (20, 0.7))]
+    # the gain's CI pools the seeds' answers at the quarter point and at each run's end
+    for c, before, after in ((a, [1, 0, 0, 0], [1, 1, 1, 0]), (b, [0, 1, 0, 0], [0, 1, 1, 1])):
+        c[1]["correct"], c[-1]["correct"] = before, after
+    lo, hi = gain_ci([a, b], 10)
+    assert lo <= 0.5 <= hi and lo > 0  # 4 of 8 answers gained, none lost
+    assert gain_ci([a, b], 0) is None  # no answers kept at step 0 (runs saved before they were)
     c = curve(0.4, 0.6, 0.8, 0.9)  # a point where another curve has none is left out
     c[1]["step"] = 5
     assert [p["step"] for p in mean_curve([a, c])] == [0, 30]
@@ -374,6 +380,11 @@ def test_learning_curves_are_scored_on_validation_and_end_at_the_run(tmp_path, t
         # the last point is the trained model on the same validation records the run is scored on
         assert m["curve"][-1]["accuracy"] == pytest.approx(m["accuracy"]["mean"])
         assert m["plateau"]["final"] == m["curve"][-1]["accuracy"]
+        # the gain's CI comes from the per-record answers, kept at every point, and brackets the gain
+        lo, hi = m["plateau"]["gain_ci95"]
+        assert lo <= m["plateau"]["gain_last_quarter"] <= hi and m["plateau"]["quarter_step"] == 2
+        points = json.loads((out / "runs" / f"{name}-seed0" / "result.json").read_text())["curve"]
+        assert all(len(p["correct"]) == 12 and sum(p["correct"]) / 12 == pytest.approx(p["accuracy"]) for p in points)  # 6 skills x 2
     # LoReFT starts as the identity (W = R, b = 0): its step-0 point is the frozen base
     assert r["methods"]["loreft"]["curve"][0]["accuracy"] == pytest.approx(r["methods"]["base"]["accuracy"]["mean"])
     assert "curve" not in r["methods"]["base"]

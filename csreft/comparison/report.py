@@ -50,7 +50,21 @@ def plateau(curve: list[dict], planned: int | None = None) -> dict:
     gain = acc[-1] - acc[quarter]
     first = next(i for i in range(len(acc)) if max(acc[i:]) - acc[i] < PLATEAU_GAIN)
     return {"gain_last_quarter": gain, "plateaued": gain < PLATEAU_GAIN, "step": steps[first],
-            "final": acc[-1], "best": max(acc)}
+            "final": acc[-1], "best": max(acc), "quarter_step": steps[quarter]}
+
+
+def gain_ci(curves: list[list[dict]], step: int) -> list[float] | None:
+    """95% paired-bootstrap CI of the gain from `step` to each run's end, pooled over the seeds'
+    validation records; None when a curve lacks the per-record answers (runs saved before they
+    were kept) or the point."""
+    before, after = [], []
+    for c in curves:
+        at = {p["step"]: p for p in c[:-1]}
+        if step not in at or "correct" not in at[step] or "correct" not in c[-1]:
+            return None
+        before += at[step]["correct"]
+        after += c[-1]["correct"]
+    return list(paired_bootstrap(after, before, n=2000, seed=0)[1:]) if before else None
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -167,7 +181,8 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         curves = [r["curve"] for r in results if r.get("curve")]
         if curves:
             methods[label]["curve"] = mean_curve(curves)
-            methods[label]["plateau"] = plateau(methods[label]["curve"], max_steps)
+            p = methods[label]["plateau"] = plateau(methods[label]["curve"], max_steps)
+            p["gain_ci95"] = gain_ci(curves, p["quarter_step"])
     by_reference = {}  # per specialists method (e.g. rank k r and rank r), per joint method
     for spec_label, spec in methods.items():
         if spec["kind"] != "specialists":
@@ -270,13 +285,14 @@ def render_markdown(r: dict) -> str:
     curved = {n: m for n, m in r["methods"].items() if m.get("curve")}
     if curved:
         lines += ["", f"Learning curves (validation accuracy in %, mean over seeds; curves.png). Plateaued: less "
-                  f"than {100 * PLATEAU_GAIN:g} point gained over the last quarter of the steps; plateau step: the "
-                  f"first point no later one beats by {100 * PLATEAU_GAIN:g} point.", "",
+                  f"than {100 * PLATEAU_GAIN:g} point gained over the last quarter of the steps (from the last "
+                  f"point at or before 3/4 of the planned steps; 95% CI pooled over the seeds' validation answers, "
+                  f"where kept); plateau step: the first point no later one beats by {100 * PLATEAU_GAIN:g} point.", "",
                   *_head("method", "steps", "start", "best", "final", "gain, last quarter", "plateaued", "plateau step")]
         for name, m in curved.items():
             p = m["plateau"]
             lines.append(f"| {name} | {m['curve'][-1]['step']} | {_fmt(m['curve'][0]['accuracy'])} | {_fmt(p['best'])} | "
-                         f"{_fmt(p['final'])} | {100 * p['gain_last_quarter']:+.1f} | {'yes' if p['plateaued'] else 'no'} | "
+                         f"{_fmt(p['final'])} | {_gain(p)} | {'yes' if p['plateaued'] else 'no'} | "
                          f"{p['step']} |")
     for spec_label, table in r.get("interference_by_reference", {"specialists": r["interference"]}).items():
         if not table:
@@ -311,6 +327,13 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {n} | {grid} | {s['lr']:g} |")
     lines += ["", "Configurations, options and per-example results: report.json and runs/*/result.json.", ""]
     return "\n".join(lines)
+
+
+def _gain(p: dict) -> str:
+    """A curve's last-quarter gain in points, from which step, with its CI where the answers are kept."""
+    ci = p.get("gain_ci95")
+    return (f"{100 * p['gain_last_quarter']:+.1f} from step {p['quarter_step']}" if "quarter_step" in p else
+            f"{100 * p['gain_last_quarter']:+.1f}") + (f" ({100 * ci[0]:+.1f}, {100 * ci[1]:+.1f})" if ci else "")
 
 
 def _head(*cells: str) -> list[str]:

@@ -108,15 +108,17 @@ class Stages:
             self.step_s = per if self.step_s is None else 0.5 * (self.step_s + per)
 
 class _Curve(TrainerCallback):
-    """A learning curve: `score()` (validation accuracy) before the first step, every `every`
-    steps and after the last; `seconds` is the time spent scoring (not training)."""
+    """A learning curve: `score()` (validation accuracy and per-record correctness) before the
+    first step, every `every` steps and after the last; `seconds` is the time spent scoring (not
+    training). The per-record answers let the report test a curve's gain, not only read it."""
 
     def __init__(self, every: int, score) -> None:
         self.every, self.score, self.points, self.seconds = every, score, [], 0.0
 
     def _add(self, step: int) -> None:
         t = time.time()
-        self.points.append({"step": step, "accuracy": self.score()})
+        res = self.score()
+        self.points.append({"step": step, "accuracy": res["accuracy"], "correct": [bool(c) for c in res["correct"]]})
         self.seconds += time.time() - t
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -279,11 +281,11 @@ class _Runner:
         if not (wanted and self.opts.eval_every):
             return None
 
-        def score() -> float:
+        def score() -> dict:
             model.eval()
             try:
                 return evaluate_suite(model, self.tokenizer, self.suite, "test", records=self.val,
-                                      batch_size=self.opts.eval_batch_size)["accuracy"]
+                                      batch_size=self.opts.eval_batch_size)
             finally:
                 model.train()
 
