@@ -43,42 +43,57 @@ PLATEAU_GAIN = 0.01  # plateaued: less than 1 point of validation accuracy gaine
 def plateau(curve: list[dict], planned: int | None = None) -> dict:
     """Where a learning curve [{"step", "accuracy"}, ...] levels off. gain_last_quarter: the last
     point's accuracy minus that of the last point at or before 3/4 of the `planned` steps (default:
-    the last point's step); plateaued: that gain < PLATEAU_GAIN; step: the first point that no
-    later point beats by PLATEAU_GAIN."""
+    the last point's step), None when that is the last point (a curve ending that early says
+    nothing of its last quarter); plateaued: that gain < PLATEAU_GAIN; step: the first point that
+    no later point beats by PLATEAU_GAIN."""
     steps, acc = [p["step"] for p in curve], [p["accuracy"] for p in curve]
     quarter = max(i for i, s in enumerate(steps) if s <= 0.75 * max(planned or 0, steps[-1]))
-    gain = acc[-1] - acc[quarter]
+    gain = acc[-1] - acc[quarter] if quarter < len(steps) - 1 else None
     first = next(i for i in range(len(acc)) if max(acc[i:]) - acc[i] < PLATEAU_GAIN)
-    return {"gain_last_quarter": gain, "plateaued": gain < PLATEAU_GAIN, "step": steps[first],
-            "final": acc[-1], "best": max(acc), "quarter_step": steps[quarter]}
+    return {"gain_last_quarter": gain, "plateaued": None if gain is None else gain < PLATEAU_GAIN,
+            "step": steps[first], "final": acc[-1], "best": max(acc), "quarter_step": steps[quarter]}
 
 
 def gain_ci(curves: list[list[dict]], step: int) -> list[float] | None:
-    """95% paired-bootstrap CI of the gain from `step` to each run's end, pooled over the seeds'
-    validation records; None when a curve lacks the per-record answers (runs saved before they
-    were kept) or the point."""
-    before, after = [], []
+    """95% CI of the gain from `step` to the runs' end, in the curves' own measure (the mean of the
+    per-skill accuracies, then of the seeds): a bootstrap over validation records, each record
+    carrying every seed's pair of answers (the seeds share the records). None when a curve lacks
+    the per-record answers (runs saved before they were kept), the point, or the same records."""
+    pairs = []
     for c in curves:
         at = {p["step"]: p for p in c[:-1]}
-        if step not in at or "correct" not in at[step] or "correct" not in c[-1]:
+        if step not in at or not isinstance(at[step].get("correct"), dict) or \
+                not isinstance(c[-1].get("correct"), dict):
             return None
-        before += at[step]["correct"]
-        after += c[-1]["correct"]
-    return list(paired_bootstrap(after, before, n=2000, seed=0)[1:]) if before else None
+        pairs.append((at[step]["correct"], c[-1]["correct"]))
+    shape = {k: len(v) for k, v in pairs[0][0].items()}
+    if not shape or any({k: len(v) for k, v in side.items()} != shape for pair in pairs for side in pair):
+        return None
+    n = sum(shape.values())
+    # a record of skill s weighs n / (k n_s): the records' plain mean is then the skills' mean
+    before, after = [], []
+    for skill, n_s in shape.items():
+        w = n / (len(shape) * n_s)
+        for i in range(n_s):
+            before.append(w * statistics.mean(float(b[skill][i]) for b, _ in pairs))
+            after.append(w * statistics.mean(float(a[skill][i]) for _, a in pairs))
+    return list(paired_bootstrap(after, before, n=2000, seed=0)[1:])
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
-    """The seeds' mean accuracy at the steps every curve has, and at the end. Runs of one report
-    have one planned length, but a run ends a few steps short where its stream held records that
-    do not fit --max-length (they are dropped), so the last points, past every common step, are
+    """The seeds' mean accuracy at the steps every curve has. Runs of one report have one planned
+    length, but a run ends a few steps short where its stream held records that do not fit
+    --max-length (they are dropped): ends within 5% of the latest, past every common step, are
     averaged together at the latest of them."""
+    ends = [c[-1]["step"] for c in curves]
     at = [{p["step"]: p["accuracy"] for p in c[:-1]} for c in curves]
     common = sorted(set.intersection(*(set(a) for a in at)))
-    out = [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common]
-    if all(c[-1]["step"] > (common[-1] if common else -1) for c in curves):
-        out.append({"step": max(c[-1]["step"] for c in curves),
-                    "accuracy": statistics.mean(c[-1]["accuracy"] for c in curves)})
-    return out
+    if not (min(ends) > (common[-1] if common else -1) and max(ends) - min(ends) <= 0.05 * max(ends)):
+        at = [{p["step"]: p["accuracy"] for p in c} for c in curves]
+        common = sorted(set.intersection(*(set(a) for a in at)))
+        return [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common]
+    return [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common] + [
+        {"step": max(ends), "accuracy": statistics.mean(c[-1]["accuracy"] for c in curves)}]
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -182,7 +197,7 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         if curves:
             methods[label]["curve"] = mean_curve(curves)
             p = methods[label]["plateau"] = plateau(methods[label]["curve"], max_steps)
-            p["gain_ci95"] = gain_ci(curves, p["quarter_step"])
+            p["gain_ci95"] = gain_ci(curves, p["quarter_step"]) if p["gain_last_quarter"] is not None else None
     by_reference = {}  # per specialists method (e.g. rank k r and rank r), per joint method
     for spec_label, spec in methods.items():
         if spec["kind"] != "specialists":
@@ -292,7 +307,7 @@ def render_markdown(r: dict) -> str:
         for name, m in curved.items():
             p = m["plateau"]
             lines.append(f"| {name} | {m['curve'][-1]['step']} | {_fmt(m['curve'][0]['accuracy'])} | {_fmt(p['best'])} | "
-                         f"{_fmt(p['final'])} | {_gain(p)} | {'yes' if p['plateaued'] else 'no'} | "
+                         f"{_fmt(p['final'])} | {_gain(p)} | {_PLATEAUED[p['plateaued']]} | "
                          f"{p['step']} |")
     for spec_label, table in r.get("interference_by_reference", {"specialists": r["interference"]}).items():
         if not table:
@@ -329,11 +344,16 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+_PLATEAUED = {True: "yes", False: "no", None: "n/a"}
+
+
 def _gain(p: dict) -> str:
     """A curve's last-quarter gain in points, from which step, with its CI where the answers are kept."""
+    if p["gain_last_quarter"] is None:
+        return f"n/a (the curve ends at step {p['quarter_step']})"
     ci = p.get("gain_ci95")
-    return (f"{100 * p['gain_last_quarter']:+.1f} from step {p['quarter_step']}" if "quarter_step" in p else
-            f"{100 * p['gain_last_quarter']:+.1f}") + (f" ({100 * ci[0]:+.1f}, {100 * ci[1]:+.1f})" if ci else "")
+    return (f"{100 * p['gain_last_quarter']:+.1f}" + (f" from step {p['quarter_step']}" if "quarter_step" in p else "")
+            + (f" ({100 * ci[0]:+.1f}, {100 * ci[1]:+.1f})" if ci else ""))
 
 
 def _head(*cells: str) -> list[str]:
