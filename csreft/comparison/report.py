@@ -301,8 +301,8 @@ def render_markdown(r: dict) -> str:
     if curved:
         lines += ["", f"Learning curves (validation accuracy in %, mean over seeds; curves.png). Plateaued: less "
                   f"than {100 * PLATEAU_GAIN:g} point gained over the last quarter of the steps (from the last "
-                  f"point at or before 3/4 of the planned steps; 95% CI pooled over the seeds' validation answers, "
-                  f"where kept); plateau step: the first point no later one beats by {100 * PLATEAU_GAIN:g} point.", "",
+                  f"point at or before 3/4 of the planned steps; 95% CI: a bootstrap over the validation records, with "
+                  f"every seed's answers, where kept); plateau step: the first point no later one beats by {100 * PLATEAU_GAIN:g} point.", "",
                   *_head("method", "steps", "start", "best", "final", "gain, last quarter", "plateaued", "plateau step")]
         for name, m in curved.items():
             p = m["plateau"]
