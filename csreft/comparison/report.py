@@ -86,14 +86,14 @@ def mean_curve(curves: list[list[dict]]) -> list[dict]:
     --max-length (they are dropped): ends within 5% of the latest, past every common step, are
     averaged together at the latest of them."""
     ends = [c[-1]["step"] for c in curves]
-    at = [{p["step"]: p["accuracy"] for p in c[:-1]} for c in curves]
+    last_common = max(set.intersection(*(set(p["step"] for p in c[:-1]) for c in curves)), default=-1)
+    merge = min(ends) > last_common and max(ends) - min(ends) <= 0.05 * max(ends)
+    at = [{p["step"]: p["accuracy"] for p in (c[:-1] if merge else c)} for c in curves]
     common = sorted(set.intersection(*(set(a) for a in at)))
-    if not (min(ends) > (common[-1] if common else -1) and max(ends) - min(ends) <= 0.05 * max(ends)):
-        at = [{p["step"]: p["accuracy"] for p in c} for c in curves]
-        common = sorted(set.intersection(*(set(a) for a in at)))
-        return [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common]
-    return [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common] + [
-        {"step": max(ends), "accuracy": statistics.mean(c[-1]["accuracy"] for c in curves)}]
+    out = [{"step": s, "accuracy": statistics.mean(a[s] for a in at)} for s in common]
+    if merge:
+        out.append({"step": max(ends), "accuracy": statistics.mean(c[-1]["accuracy"] for c in curves)})
+    return out
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:

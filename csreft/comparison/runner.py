@@ -447,10 +447,12 @@ def _compare(opts: CompareOptions) -> dict:
         n_runs = opts.seeds * (len(trained) + sum(m.kind == "specialists" for m in trained)) + n_select / 2
         steps, per_step = _calibrate_steps(base, tokenizer, suite, configs["csreft"], opts, max(budget, 0) * 0.85, n_runs)
         max_steps = steps if opts.max_steps is None else min(steps, opts.max_steps)
-        timed = ", ".join(f"{s:.2f} s on {n} thread{'s' * (n > 1)}" for n, s in per_step.items())
-        n = torch.get_num_threads()
+        def threads(n: int) -> str:
+            return f"{n} thread{'s' * (n > 1)}"
+
+        timed = ", ".join(f"{s:.2f} s on {threads(n)}" for n, s in per_step.items())
         calibrated = f"--max-minutes {opts.max_minutes:g}: {max_steps} steps per run (a step took {timed}; " \
-                     f"training on {n} thread{'s' * (n > 1)})"
+                     f"training on {threads(torch.get_num_threads())})"
     select_steps = opts.select_steps or max(1, max_steps // 2)
     n_seen = max_steps * opts.batch_size
 
