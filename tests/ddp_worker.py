@@ -15,7 +15,9 @@ try:  # DeepSpeed's shared-memory all-reduce serves inference only; skip compili
 except ImportError:
     pass
 
-from csreft.training.distributed import full_adapter_state, is_partitioned
+import torch.distributed as dist
+
+from csreft.training.distributed import end_process_group, full_adapter_state, is_partitioned
 from csreft.training.recipe import build, fit
 
 opts = json.loads(Path(sys.argv[1]).read_text())
@@ -30,3 +32,5 @@ report = {
 }
 save_file(full_adapter_state(model), Path(opts["output_dir"]) / f"rank{rank}.safetensors")
 (Path(opts["output_dir"]) / f"rank{rank}.json").write_text(json.dumps(report))
+end_process_group()
+assert not dist.is_initialized()

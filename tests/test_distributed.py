@@ -166,3 +166,40 @@ def test_resume_under_deepspeed_is_refused(tmp_path, tiny_model_dir):
 
     with pytest.raises(ValueError, match="--resume with --deepspeed is not supported"):
         build(options(tmp_path, tiny_model_dir, deepspeed="ds.json", resume="latest"))
+
+
+def test_end_process_group_leaves_the_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from csreft.training.distributed import end_process_group
+
+    end_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_train_ends_the_process_group_after_a_successful_fit_only(monkeypatch):
+    """`csreft train` (recipe.run) under torchrun: every rank leaves the group on success; after
+    a failure it must not wait at a barrier the failed rank's peers may never reach."""
+    from csreft.training import recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "build", lambda options, callbacks=None: options)
+    monkeypatch.setattr(recipe, "end_process_group", lambda: calls.append("end"))
+    monkeypatch.setattr(recipe, "fit", lambda run: calls.append("fit") or {"steps": 1})
+    assert recipe.run({}) == {"steps": 1} and calls == ["fit", "end"]
+
+    def fails(run):
+        calls.append("fit")
+        raise RuntimeError("out of memory on this rank")
+
+    calls.clear()
+    monkeypatch.setattr(recipe, "fit", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        recipe.run({})
+    assert calls == ["fit"]

@@ -99,6 +99,19 @@ def zero_stage(trainer) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def end_process_group() -> None:
+    """Leave a multi-process run together: every rank waits for the others, then the process
+    group is destroyed, as torch asks of a program before it exits. A rank that exits first with
+    the group alive can be aborted by gloo's threads at interpreter exit ("terminate called
+    without an active exception"), and the launcher then fails the whole run. Call it on the way
+    out of a successful run only: after a failure the other ranks may never reach the barrier."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def single_process_launch(parent_cmdline: list[str] | None = None, env=None) -> str | None:
     """Why a launcher that was asked for several processes started this one alone, or None.
 

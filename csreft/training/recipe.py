@@ -19,7 +19,7 @@ from ..data import Collator, SupervisedDataset, load_records, skill_names
 from ..integrity import read_adapter_config
 from ..model import CSReftModel, get_csreft_model
 from ..signatures import signatures_of
-from .distributed import single_process_launch
+from .distributed import end_process_group, single_process_launch
 from .options import dropin_factors, split_options
 from .rundir import (RunDirectoryError, RunLock, adapter_is_final, checkpoint_step, claim, fingerprint,
                      is_main_process, resolve_resume, trim_log, verify_checkpoint)
@@ -315,8 +315,11 @@ def _attach_signatures(run: TrainingRun) -> str:
 
 
 def run(options: dict, callbacks: list | None = None) -> dict:
-    """The whole recipe: build(options) then fit()."""
-    return fit(build(options, callbacks))
+    """The whole recipe, as `csreft train` runs it: build(options), fit(), and, under a
+    multi-process launcher, the process group ended once every rank has finished."""
+    summary = fit(build(options, callbacks))
+    end_process_group()
+    return summary
 
 
 def print_summary(s: dict) -> None:
