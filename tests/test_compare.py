@@ -36,7 +36,7 @@ def test_report_files_and_methods(report):
     assert set(r["methods"]) == {"base", "loreft", "specialists", "csreft", "csreft_supervised", "lora", "lora_edits"}
     assert json.loads((out / "report.json").read_text())["suite"] == "builtin"
     md = (out / "report.md").read_text()
-    assert "| csreft_supervised |" in md and "Interference" in md and "McNemar" in md and "Routing" in md
+    assert "| csreft_supervised |" in md and "Interference" in md and "sign-flip" in md and "Routing" in md
     for method in ("csreft", "csreft_supervised"):
         for seed in (0, 1):
             assert (out / f"gates-{method}-seed{seed}.png").stat().st_size > 1000
@@ -81,8 +81,9 @@ def test_report_numbers_come_from_the_runs(report):
     assert r["examples_seen_per_joint_run"] == 8
     per_seed = r["methods"]["specialists"]["examples_per_skill"]
     assert len(per_seed) == 2 and all(sum(counts.values()) == 8 for counts in per_seed)
-    for t in r["paired_tests"]:
-        assert t["n"] == 2 * r["sizes"]["test"] and 0.0 <= t["mcnemar_p"] <= 1.0
+    for t in r["paired_tests"]:  # records x seeds: each record counts once, its seeds averaged
+        assert (t["n"], t["seeds"], t["test"]) == (r["sizes"]["test"], 2, "sign-flip") and 0.0 < t["p"] <= 1.0
+        assert t["accuracy_difference"] == pytest.approx(sum(t["per_seed"]) / 2)
     runs = json.loads((out / "runs" / "csreft-seed0" / "log.jsonl").read_text().splitlines()[-1])
     assert runs["step"] == 2
     for method in ("loreft", "csreft", "lora"):  # the answer-token loss is logged for every joint method

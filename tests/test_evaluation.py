@@ -14,7 +14,7 @@ from csreft.data import encode_example, pad_batch
 from csreft.evaluation.scoring import (
     candidate_logprobs, evaluate_suite, exact_match_accuracy, response_nll, score_choices,
 )
-from csreft.evaluation.stats import mcnemar, paired_bootstrap
+from csreft.evaluation.stats import mcnemar, paired_bootstrap, paired_over_seeds
 from csreft.evaluation.suites import Suite, builtin_suite
 
 
@@ -234,6 +234,30 @@ def test_paired_bootstrap():
     assert lo < mean < hi and hi - lo < 0.3
     assert paired_bootstrap(a, b, n=2000, seed=1) == (mean, lo, hi)
     assert paired_bootstrap(a, b, n=2000, seed=2) != (mean, lo, hi)
+
+
+def test_paired_over_seeds_counts_each_record_once():
+    a = [1] * 10 + [0] * 2 + [1] * 5
+    b = [0] * 10 + [1] * 2 + [1] * 5
+    one = paired_over_seeds([a], [b])
+    assert (one["n"], one["seeds"], one["test"]) == (17, 1, "mcnemar") and one["p"] == mcnemar(a, b)
+    assert [one["accuracy_difference"], *one["ci95"]] == list(paired_bootstrap(a, b))
+    # three seeds that agree on every record hold no more evidence than one: the same CI (pooling
+    # them as 51 independent records would narrow it), and the sign-flip p is McNemar's exact p
+    three = paired_over_seeds([a] * 3, [b] * 3)
+    assert three["ci95"] == one["ci95"] and three["per_seed"] == [8 / 17] * 3
+    assert three["test"] == "sign-flip" and three["p"] == pytest.approx(2 * (1 + 12 + 66) / 2**12, abs=0.015)
+    # seeds that disagree: a record's difference is its mean over the seeds
+    mixed = paired_over_seeds([[1, 1, 0, None], [1, 0, 0, 1]], [[0, 1, 0, 1], [0, 1, 1, 1]])
+    assert mixed["n"] == 3 and mixed["accuracy_difference"] == pytest.approx((1 + -0.5 + -0.5) / 3)
+    assert mixed["per_seed"] == pytest.approx([1 / 3, -1 / 3])
+    assert paired_over_seeds([[1, 0]] * 2, [[1, 0]] * 2)["p"] == 1.0  # no difference at all
+    with pytest.raises(ValueError, match="same records"):
+        paired_over_seeds([[1, 0], [1]], [[1, 0], [1, 0]])
+    with pytest.raises(ValueError, match="equal, nonzero"):
+        paired_over_seeds([[1]], [[1], [0]])
+    with pytest.raises(ValueError, match="no record"):
+        paired_over_seeds([[None]], [[1]])
 
 
 @pytest.mark.slow

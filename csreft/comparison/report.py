@@ -10,7 +10,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from ..evaluation.stats import mcnemar, paired_bootstrap
+from ..evaluation.stats import paired_bootstrap, paired_over_seeds
 
 JOINT_KINDS = ("loreft", "csreft", "csreft_supervised", "lora", "lora_edits")
 REFERENCES = ("loreft", "lora", "lora_edits", "specialists", "base")
@@ -214,15 +214,12 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
     tests = []
     for a, b in _pairs({label: kinds[label] for label in runs}):
         n_seeds = min(len(runs[a]), len(runs[b]))
-        ca = [c for r in runs[a][:n_seeds] for c in r["correct"]]
-        cb = [c for r in runs[b][:n_seeds] for c in r["correct"]]
-        keep = [i for i, (x, y) in enumerate(zip(ca, cb)) if x is not None and y is not None]
-        ca, cb = [ca[i] for i in keep], [cb[i] for i in keep]
-        if not ca:
+        try:
+            t = paired_over_seeds([r["correct"] for r in runs[a][:n_seeds]],
+                                  [r["correct"] for r in runs[b][:n_seeds]])
+        except ValueError:  # no record both answered
             continue
-        diff, lo, hi = paired_bootstrap(ca, cb, n=2000, seed=0)
-        tests.append({"a": a, "b": b, "n": len(ca), "accuracy_difference": diff, "ci95": [lo, hi],
-                      "mcnemar_p": mcnemar(ca, cb)})
+        tests.append({"a": a, "b": b, **t})
     return {
         "suite": suite.name, "skills": suite.skills, "suite_info": suite.info, "eval_split": opts.eval_split,
         "sizes": {"train": len(suite.train), "test": len(suite.test), "composed": len(suite.composed),
@@ -327,11 +324,15 @@ def render_markdown(r: dict) -> str:
             lines += ["", f"Each specialist saw its skill's share of the joint stream, at batch size {bs}: " +
                       ", ".join(f"{s} {n:.0f} examples ({math.ceil(n / bs)} steps)" for s, n in per.items()) + "."]
     if r["paired_tests"]:
-        lines += ["", "Paired tests on the same examples, pooled over seeds (difference = a - b, points).", "",
-                  *_head("a", "b", "n", "difference (95% CI)", "McNemar p")]
+        lines += ["", "Paired tests on the same test records (difference = a - b, points). With several seeds a "
+                  "record's difference is its mean over the seeds; the CI is a bootstrap over records and p a "
+                  "sign-flip test of those differences (McNemar's test for one seed); per seed: each seed's "
+                  "difference.", "",
+                  *_head("a", "b", "records x seeds", "difference (95% CI)", "p", "per seed")]
         for t in r["paired_tests"]:
-            lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {t['accuracy_difference'] * 100:+.1f} "
-                         f"({t['ci95'][0] * 100:+.1f}, {t['ci95'][1] * 100:+.1f}) | {t['mcnemar_p']:.3g} |")
+            lines.append(f"| {t['a']} | {t['b']} | {t['n']} x {t['seeds']} | {t['accuracy_difference'] * 100:+.1f} "
+                         f"({t['ci95'][0] * 100:+.1f}, {t['ci95'][1] * 100:+.1f}) | {_p(t['p'])} | "
+                         + ", ".join(f"{d * 100:+.1f}" for d in t["per_seed"]) + " |")
     chosen = {n: m["lr_selection"] for n, m in r["methods"].items() if m["lr_selection"] and m["kind"] != "specialists"}
     if chosen:
         lines += ["", "Learning rates: validation accuracy (%) per grid value, seed 0, "
@@ -345,6 +346,12 @@ def render_markdown(r: dict) -> str:
 
 
 _PLATEAUED = {True: "yes", False: "no", None: "n/a"}
+
+
+def _p(p: float) -> str:
+    """A p-value to two digits; below 0.001 as such (a 2,000-flip sign-flip test cannot say more)."""
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
 
 
 def _gain(p: dict) -> str:
