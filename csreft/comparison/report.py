@@ -217,7 +217,7 @@ def build_report(suite, runs, params, base, opts, max_steps, wall, configs, kind
         try:
             t = paired_over_seeds([r["correct"] for r in runs[a][:n_seeds]],
                                   [r["correct"] for r in runs[b][:n_seeds]])
-        except ValueError:  # no record both answered
+        except ValueError:  # other test records, or none that both answered: nothing to pair
             continue
         tests.append({"a": a, "b": b, **t})
     return {
