@@ -353,7 +353,6 @@ def _p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.2g}"
 
 
-
 def _gain(p: dict) -> str:
     """A curve's last-quarter gain in points, from which step, with its CI where the answers are kept."""
     if p["gain_last_quarter"] is None:
