@@ -10,7 +10,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from ..evaluation.stats import paired_bootstrap, paired_over_seeds
+from ..evaluation.stats import paired_over_seeds
 
 JOINT_KINDS = ("loreft", "csreft", "csreft_supervised", "lora", "lora_edits")
 REFERENCES = ("loreft", "lora", "lora_edits", "specialists", "base")
@@ -71,13 +71,12 @@ def gain_ci(curves: list[list[dict]], step: int) -> list[float] | None:
         return None
     n = sum(shape.values())
     # a record of skill s weighs n / (k n_s): the records' plain mean is then the skills' mean
-    before, after = [], []
-    for skill, n_s in shape.items():
-        w = n / (len(shape) * n_s)
-        for i in range(n_s):
-            before.append(w * statistics.mean(float(b[skill][i]) for b, _ in pairs))
-            after.append(w * statistics.mean(float(a[skill][i]) for _, a in pairs))
-    return list(paired_bootstrap(after, before, n=2000, seed=0)[1:])
+    weights = [n / (len(shape) * n_s) for n_s in shape.values() for _ in range(n_s)]
+
+    def weighted(answers: dict) -> list[float]:
+        return [w * float(x) for w, x in zip(weights, (x for skill in shape for x in answers[skill]))]
+
+    return paired_over_seeds([weighted(a) for _, a in pairs], [weighted(b) for b, _ in pairs])["ci95"]
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:

@@ -58,9 +58,10 @@ def paired_bootstrap(correct_a, correct_b, n: int = 10000, seed: int = 0,
 
 def paired_over_seeds(correct_a, correct_b, n: int = 2000, seed: int = 0) -> dict:
     """Two methods, each trained with the same seeds and scored on the same records (one list of
-    answers per seed, None where a record was not scored). The record is the unit: its paired
-    observation is the mean over seeds of a - b, so k seeds' answers on one record count once, not
-    as k independent records (which would narrow the CI about sqrt(k)-fold when seeds agree).
+    answers per seed: right/wrong or any per-record score, None where a record was not scored).
+    The record is the unit: its paired observation is the mean over seeds of a - b, so k seeds'
+    answers on one record count once, not as k independent records (which would narrow the CI
+    about sqrt(k)-fold when seeds agree).
 
     Returns n (records with an answer from both in every seed), difference (mean), ci95 (paired
     bootstrap over records), p and test: McNemar's test for one seed; for several, a two-sided
